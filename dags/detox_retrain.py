@@ -1,0 +1,141 @@
+"""Weekly PPO detoxification of the dialogue summarizer, gated by a paired evaluation."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from tasks.config import form_field_schemas
+
+DOC_MD = """
+# detox_retrain
+
+Makes the dialogue summarizer less toxic with reinforcement learning, and registers
+the result only when it measurably is.
+
+1. **prepare_dataset** — DialogSum-style dialogues → "Summarize the following
+   conversation" prompts, length-filtered (skipped rows counted), split, tokenized.
+2. **download_adapter** — the supervised LoRA adapter from S3, integrity-checked.
+3. **baseline_eval** — toxicity (P(hate) of the reward classifier on the summary)
+   and ROUGE-L of the SFT policy on the held-out prompts.
+4. **ppo_train** — PPO with a fresh LoRA adapter and a value head; reward = the
+   classifier's `nothate` logit; per-token KL penalty to the policy with the PPO
+   adapter disabled.
+5. **evaluate** — the candidate under the same prompts and sampling seeds.
+6. **promotion_check** — promote only if toxicity falls by the configured margin and
+   ROUGE-L stays within tolerance; the reasons are in the task log and in MLflow.
+7. **register_model** — merged model logged as an MLflow pyfunc, registered, alias
+   `champion` moved — or **skip_registration**, which logs why not.
+
+Every step logs into one MLflow run named after this DAG run. Leave a form field
+empty to use the profile's default; `overrides` takes any other config field by its
+dotted name, e.g. `{"ppo.batch_size": 32}`.
+"""
+
+FORM_PARAMS = {
+    name: Param(None, **schema) for name, schema in form_field_schemas().items()
+}
+
+
+@dag(
+    dag_id="detox_retrain",
+    schedule="@weekly",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=DOC_MD,
+    tags=["mlops", "rlhf", "detox"],
+    default_args={
+        "owner": "ml-platform",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=20),
+    },
+    params={
+        "profile": Param(
+            os.environ.get("DETOX_PROFILE", "production"),
+            type="string",
+            enum=["production", "demo"],
+            description="production: real models on GPU; demo: the embedded default on CPU.",
+        ),
+        **FORM_PARAMS,
+        "overrides": Param(
+            {}, type="object", description="Any other run-config field by dotted name, e.g. {\"ppo.seed\": 1}."
+        ),
+    },
+)
+def detox_retrain():
+    @task
+    def prepare_dataset() -> dict:
+        from tasks import pipeline
+
+        return pipeline.prepare_dataset(*_run())
+
+    @task
+    def download_adapter() -> dict:
+        from tasks import pipeline
+
+        return pipeline.download_adapter(*_run())
+
+    @task
+    def baseline_eval(data: dict, adapter: dict) -> dict:
+        from tasks import pipeline
+
+        return pipeline.baseline_eval(*_run(), data["dataset_uri"], adapter["adapter_dir"])
+
+    @task(execution_timeout=timedelta(hours=12))
+    def ppo_train(data: dict, adapter: dict, baseline: dict) -> dict:
+        from tasks import pipeline
+
+        return pipeline.ppo_train(*_run(), data["dataset_uri"], adapter["adapter_dir"])
+
+    @task
+    def evaluate(data: dict, adapter: dict, ppo: dict) -> dict:
+        from tasks import pipeline
+
+        return pipeline.evaluate(*_run(), data["dataset_uri"], adapter["adapter_dir"], ppo["ppo_adapter_dir"])
+
+    @task.branch
+    def promotion_check(baseline: dict, candidate: dict) -> str:
+        from tasks import pipeline
+
+        decision = pipeline.promotion_check(*_run(), baseline, candidate)
+        get_current_context()["ti"].xcom_push(key="decision", value=decision)
+        return "register_model" if decision["promote"] else "skip_registration"
+
+    @task
+    def register_model(decision: dict, adapter: dict, ppo: dict) -> dict:
+        from tasks import pipeline
+
+        return pipeline.register_model(*_run(), decision, adapter["adapter_dir"], ppo["ppo_adapter_dir"])
+
+    @task
+    def skip_registration(decision: dict) -> dict:
+        from tasks import pipeline
+
+        return pipeline.skip_registration(*_run(), decision)
+
+    data = prepare_dataset()
+    adapter = download_adapter()
+    baseline = baseline_eval(data, adapter)
+    ppo = ppo_train(data, adapter, baseline)
+    candidate = evaluate(data, adapter, ppo)
+    gate = promotion_check(baseline, candidate)
+    gate >> [register_model(gate["decision"], adapter, ppo), skip_registration(gate["decision"])]
+
+
+def _run():
+    """The run config from this DAG run's Params, and who is running."""
+    from tasks.config import config_from_params
+    from tasks.pipeline import StepContext
+
+    context = get_current_context()
+    ti = context["ti"]
+    ctx = StepContext(run_key=context["run_id"], dag_id=ti.dag_id, try_number=ti.try_number)
+    return config_from_params(dict(context["params"])), ctx
+
+
+detox_retrain()

@@ -1,0 +1,1 @@
+"""Pipeline logic of the detox retraining workflow: plain Python, no Airflow imports."""

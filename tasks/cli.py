@@ -1,0 +1,138 @@
+"""``detox``: every pipeline step from the command line, and the whole demo.
+
+    detox demo                          # embedded default through Airflow, prints the outcome
+    detox build-embedded                # only build the tiny models and data set
+    detox run --run-id r1 --profile demo --set ppo.steps=5
+    detox prepare-dataset --run-id r1 --profile demo   # ... one step at a time
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from tasks.config import ConfigError, RunConfig
+
+STEPS = (
+    "prepare-dataset",
+    "download-adapter",
+    "baseline-eval",
+    "ppo-train",
+    "evaluate",
+    "promotion-check",
+    "register-model",
+)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs with JSON values (``ppo.steps=5``, ``lora.target_modules=["q","v"]``)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        try:
+            overrides[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = raw
+    return overrides
+
+
+def load_config(args: argparse.Namespace) -> RunConfig:
+    overrides: dict[str, Any] = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as handle:
+            overrides.update(json.load(handle))
+    overrides.update(parse_overrides(args.set))
+    return RunConfig.for_profile(args.profile, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detox", description="PPO detoxification of a summarization model.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--profile", choices=["demo", "production"], default="production")
+        sub.add_argument("--config", help="JSON file of config fields (nested or dotted keys)")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
+
+    demo = commands.add_parser("demo", help="run the whole chain on the embedded default")
+    demo.add_argument("--engine", choices=["airflow", "local"], default="airflow",
+                      help="airflow: `airflow dags test` on SQLite; local: the same steps in this process")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
+
+    build = commands.add_parser("build-embedded", help="build the embedded default's data set and models")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
+
+    run = commands.add_parser("run", help="every step in order, in this process")
+    run.add_argument("--run-id", required=True, help="names the run folder and the MLflow run")
+    with_config(run)
+
+    for step in STEPS:
+        sub = commands.add_parser(step, help=f"the {step} step")
+        sub.add_argument("--run-id", required=True, help="names the run folder and the MLflow run")
+        with_config(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        result = _dispatch(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
+        logging.getLogger("detox").error("%s", err)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> dict | None:
+    if args.command == "demo":
+        from tasks.demo import run_demo
+
+        report = run_demo(engine=args.engine, overrides=parse_overrides(args.set))
+        print(format_report(report))
+        return None
+    if args.command == "build-embedded":
+        from tasks.embedded import build_embedded_default
+
+        paths = build_embedded_default(seed=args.seed, force=args.force)
+        return {name: str(value) for name, value in vars(paths).items()}
+
+    from tasks import pipeline
+
+    config = load_config(args)
+    ctx = pipeline.StepContext(run_key=args.run_id, dag_id="cli")
+    if args.command == "run":
+        return pipeline.run_all(config, ctx)
+    return getattr(pipeline, args.command.replace("-", "_"))(config, ctx)
+
+
+def format_report(report: dict) -> str:
+    def number(key: str) -> str:
+        value = report.get(key)
+        return "n/a" if value is None else f"{value:.4f}"
+
+    return "\n".join([
+        "",
+        "=== detox_retrain demo ===",
+        f"run:                {report['run_key']} (MLflow run {report['mlflow_run_id']})",
+        f"toxicity  before -> after: {number('toxicity_before')} -> {number('toxicity_after')}",
+        f"ROUGE-L   before -> after: {number('rouge_l_before')} -> {number('rouge_l_after')}",
+        f"decision:           {report.get('decision')}",
+        f"registered model:   {report.get('model_uri')}",
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

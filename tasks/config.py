@@ -1,0 +1,317 @@
+"""One typed description of a detox retraining run.
+
+Every knob the seed notebooks hard-coded is a documented field here. The Airflow
+DAG's Params and the ``detox`` command line both map onto :class:`RunConfig`;
+unknown fields are rejected with an error that names them.
+
+Two profiles:
+
+* ``demo`` — the embedded default: tiny models and a synthetic data set that the
+  project builds itself under ``DETOX_HOME`` (see :mod:`tasks.embedded`), an S3
+  server on loopback, MLflow on SQLite. Runs on a laptop CPU in minutes.
+* ``production`` — the seeds' real models (FLAN-T5 summarizer with its SFT LoRA
+  adapter in S3, Meta's RoBERTa hate-speech classifier as reward) on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROMPT_TEMPLATE = "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
+
+Profile = Literal["demo", "production"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where dialogues come from and how they become prompts."""
+
+    source: str = Field(
+        "knkarthick/dialogsum",
+        description="Hub data set name, local .csv/.jsonl/.parquet file, or s3://bucket/key.",
+    )
+    split: str = Field("train", description="Split to read when `source` is a Hub data set.")
+    prompt_template: str = Field(
+        PROMPT_TEMPLATE, description="Instruction wrapped around each dialogue; must contain '{dialogue}'."
+    )
+    min_dialogue_chars: int = Field(200, ge=0, description="Dialogues of this many characters or fewer are skipped.")
+    max_dialogue_chars: int = Field(1000, gt=0, description="Dialogues longer than this are skipped.")
+    max_prompt_tokens: int = Field(512, gt=0, description="Prompts are truncated to this many tokens.")
+    test_size: float = Field(0.2, gt=0, lt=1, description="Share of rows held out for evaluation.")
+    split_seed: int = Field(42, description="Seed of the deterministic train/test split.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if "{dialogue}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain the placeholder '{dialogue}'")
+        if self.min_dialogue_chars >= self.max_dialogue_chars:
+            raise ValueError("min_dialogue_chars must be smaller than max_dialogue_chars")
+        return self
+
+
+class ModelConfig(_Section):
+    """The policy, its supervised adapter and the reward model."""
+
+    policy_name: str = Field(
+        "marianna13/flan-t5-base-summarization",
+        description="Base policy: Hub name or local folder (seq2seq, T5 family).",
+    )
+    sft_adapter_uri: str = Field(
+        "s3://detox-adapters/flan-t5-base-dialogsum-sft",
+        description="s3://bucket/prefix of the supervised LoRA adapter fine-tuned on dialogue summaries.",
+    )
+    reward_model_name: str = Field(
+        "facebook/roberta-hate-speech-dynabench-r4-target",
+        description="Sequence classifier whose `nothate` logit is the reward: Hub name or local folder.",
+    )
+    reward_label: str = Field("nothate", description="Label (looked up in id2label) whose logit is the reward.")
+    toxic_label: str = Field("hate", description="Label whose probability is the toxicity score.")
+    reward_batch_size: int = Field(16, gt=0, description="Texts per forward pass of the reward model.")
+    trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+
+
+class LoraSettings(_Section):
+    """LoRA adapter trained by PPO (the seeds: r=32, alpha=32 on q and v)."""
+
+    r: int = Field(32, gt=0, description="Rank of the low-rank update.")
+    alpha: int = Field(32, gt=0, description="Scaling numerator (update scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(["q", "v"], min_length=1, description="Module names that get adapters.")
+
+
+class GenerationSettings(_Section):
+    """Sampling used for rollouts and evaluation (the seeds: pure sampling, top_k=0, top_p=1)."""
+
+    min_new_tokens: int = Field(100, gt=0, description="Lower bound of the sampled response length budget.")
+    max_new_tokens: int = Field(400, gt=0, description="Upper bound of the sampled response length budget.")
+    top_k: int = Field(0, ge=0, description="0 disables top-k filtering.")
+    top_p: float = Field(1.0, gt=0, le=1, description="1.0 disables nucleus filtering.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature; PPO log-probs use the same one.")
+
+    @model_validator(mode="after")
+    def _check(self) -> GenerationSettings:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError("min_new_tokens must not exceed max_new_tokens")
+        return self
+
+
+class PPOSettings(_Section):
+    """PPO hyperparameters (seeds: lr 1.41e-5, batch 16, mini-batch 4, 1 epoch, 10 steps)."""
+
+    learning_rate: float = Field(1.41e-5, gt=0, description="Adam learning rate for LoRA and value head.")
+    batch_size: int = Field(16, gt=0, description="Prompts per rollout (one PPO step).")
+    mini_batch_size: int = Field(4, gt=0, description="Samples per optimizer step within a PPO epoch.")
+    ppo_epochs: int = Field(1, gt=0, description="Optimization passes over each rollout batch.")
+    steps: int = Field(10, gt=0, description="Number of PPO steps (rollout + update).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip range.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value prediction clip range.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    init_kl_coef: float = Field(0.2, ge=0, description="Initial coefficient of the per-token KL penalty.")
+    adaptive_kl: bool = Field(True, description="Adapt the KL coefficient towards `target_kl` (Ziegler et al.).")
+    target_kl: float = Field(6.0, gt=0, description="KL (nats per sequence) the adaptive controller aims at.")
+    kl_horizon: int = Field(10000, gt=0, description="Horizon of the adaptive KL controller.")
+    kl_ceiling: float = Field(60.0, gt=0, description="Training stops as failed when mean KL exceeds this.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    value_head_init_std: float = Field(0.0, ge=0, description="Std of the value head's initial weights.")
+    seed: int = Field(0, description="Seed for sampling and initialisation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOSettings:
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError("batch_size must be a multiple of mini_batch_size")
+        return self
+
+
+class EvalSettings(_Section):
+    """Paired evaluation before and after PPO."""
+
+    num_samples: int = Field(100, gt=0, description="Held-out prompts scored (capped at the split's size).")
+    batch_size: int = Field(16, gt=0, description="Prompts per generate call.")
+    seed: int = Field(1234, description="Sampling seed; identical for baseline and candidate.")
+    max_new_tokens: int = Field(100, gt=0, description="Summary length budget during evaluation.")
+
+
+class PromotionSettings(_Section):
+    """When a PPO candidate may become the champion."""
+
+    min_toxicity_reduction: float = Field(
+        0.05, ge=0, le=1, description="Required relative drop of mean toxicity (0.05 = 5%)."
+    )
+    max_rouge_l_drop: float = Field(
+        0.05, ge=0, le=1, description="Tolerated relative drop of ROUGE-L against the references."
+    )
+
+
+class RunConfig(_Section):
+    """Everything one detox retraining run needs to know."""
+
+    profile: Profile = "production"
+    artifact_root: str = Field(".detox/artifacts", description="Local folder under which every run keeps its files.")
+    experiment_name: str = Field("detox-retrain", description="MLflow experiment of the retraining runs.")
+    mlflow_artifact_location: str | None = Field(
+        None, description="Artifact location of a newly created experiment; None uses the server's default."
+    )
+    registered_model_name: str = Field("detox-summarizer", description="MLflow registry entry of the policy.")
+    champion_alias: str = Field("champion", description="Registry alias moved to each promoted version.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    generation: GenerationSettings = GenerationSettings()
+    ppo: PPOSettings = PPOSettings()
+    eval: EvalSettings = EvalSettings()
+    promotion: PromotionSettings = PromotionSettings()
+
+    @classmethod
+    def for_profile(cls, profile: Profile, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """The profile's defaults with ``overrides`` (nested dicts or dotted keys) applied."""
+        if profile not in ("demo", "production"):
+            raise ConfigError(f"unknown profile {profile!r}: expected 'demo' or 'production'")
+        base = _demo_defaults() if profile == "demo" else {"profile": "production"}
+        merged = _deep_merge(base, _undot(overrides or {}))
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as err:
+            raise ConfigError(_describe(err)) from None
+
+    def run_dir(self, run_id: str) -> Path:
+        """The run-scoped artifact folder; runs never share files."""
+        return Path(self.artifact_root).expanduser().resolve() / safe_run_id(run_id)
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot be used, with the offending fields named."""
+
+
+def detox_home() -> Path:
+    """Where the embedded default lives (``DETOX_HOME``, default ``./.detox``)."""
+    return Path(os.environ.get("DETOX_HOME", ".detox")).expanduser().resolve()
+
+
+def _demo_defaults() -> dict[str, Any]:
+    home = detox_home()
+    embedded = home / "embedded"
+    return {
+        "profile": "demo",
+        "artifact_root": str(home / "artifacts"),
+        "experiment_name": "detox-retrain-demo",
+        "mlflow_artifact_location": (home / "mlartifacts").as_uri(),
+        "registered_model_name": "detox-summarizer-demo",
+        "device": "cpu",
+        "data": {"source": str(embedded / "dialogsum_synthetic.csv"), "max_prompt_tokens": 256},
+        "model": {
+            "policy_name": str(embedded / "policy-base"),
+            "sft_adapter_uri": "s3://detox-demo/adapters/policy-sft",
+            "reward_model_name": str(embedded / "hate-classifier"),
+            "reward_batch_size": 64,
+        },
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "generation": {"min_new_tokens": 40, "max_new_tokens": 48},
+        "ppo": {
+            "learning_rate": 3e-4,
+            "steps": 30,
+            "batch_size": 16,
+            "mini_batch_size": 8,
+            "ppo_epochs": 2,
+            "init_kl_coef": 0.05,
+            "target_kl": 4.0,
+            "kl_ceiling": 40.0,
+        },
+        "eval": {"num_samples": 200, "batch_size": 64, "max_new_tokens": 48},
+    }
+
+
+def safe_run_id(run_id: str) -> str:
+    """A run id usable as one folder name (Airflow ids contain ':' and '+')."""
+    cleaned = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id).strip("._")
+    if not cleaned:
+        raise ConfigError(f"run id {run_id!r} has no usable characters")
+    return cleaned
+
+
+def _undot(overrides: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = _deep_merge(node[leaf], value)
+        else:
+            node[leaf] = value
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(err: ValidationError) -> str:
+    problems = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "config"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown field '{where}'")
+        else:
+            problems.append(f"{where}: {item['msg']}")
+    return "invalid run config: " + "; ".join(problems)
+
+
+# Fields an operator sets from the Airflow trigger form (Param name -> config field).
+FORM_FIELDS: dict[str, str] = {
+    "dataset_source": "data.source",
+    "sft_adapter_uri": "model.sft_adapter_uri",
+    "reward_model": "model.reward_model_name",
+    "ppo_steps": "ppo.steps",
+    "learning_rate": "ppo.learning_rate",
+    "target_kl": "ppo.target_kl",
+    "eval_samples": "eval.num_samples",
+    "min_toxicity_reduction": "promotion.min_toxicity_reduction",
+    "max_rouge_l_drop": "promotion.max_rouge_l_drop",
+}
+
+
+def form_field_schemas() -> dict[str, dict[str, Any]]:
+    """JSON schema of each form field, taken from the config's own types, bounds and descriptions.
+
+    Every field may be left empty (null), meaning "the profile's default".
+    """
+    schemas = {}
+    for name, dotted in FORM_FIELDS.items():
+        section, leaf = dotted.split(".")
+        section_model = RunConfig.model_fields[section].annotation
+        prop = dict(section_model.model_json_schema()["properties"][leaf])
+        schema = {"type": ["null", prop["type"]], "description": prop.get("description", "")}
+        for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            if bound in prop:
+                schema[bound] = prop[bound]
+        schemas[name] = schema
+    return schemas
+
+
+def config_from_params(params: dict[str, Any]) -> RunConfig:
+    """The run config described by a DAG run's Params (profile, form fields, free-form overrides)."""
+    known = {"profile", "overrides", *FORM_FIELDS}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) {unknown}; known: {sorted(known)}")
+    overrides = {FORM_FIELDS[name]: value for name, value in params.items()
+                 if name in FORM_FIELDS and value is not None}
+    overrides.update(params.get("overrides") or {})
+    return RunConfig.for_profile(params.get("profile") or "production", overrides)

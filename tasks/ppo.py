@@ -1,0 +1,703 @@
+"""PPO with a KL penalty for a seq2seq policy trained through a LoRA adapter.
+
+Written to be checked line by line against the papers it follows:
+
+* Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"
+  (per-token KL penalty, adaptive KL controller);
+* Huang et al. 2023, "The N Implementation Details of RLHF with PPO"
+  (score at the last response token, whitened advantages, clipped value loss,
+  dropout off, temperature-scaled log-probs);
+* CleanRL's ``ppo.py`` for the names (``logratio``, ``ratio``, ``pg_loss1/2``,
+  ``approx_kl``, ``clipfrac``).
+
+The file reads top to bottom: pure tensor functions, KL controllers, the value
+head, model building, the trainer. Shapes: ``B`` samples, ``T`` response tokens.
+A ``mask`` is 1.0 on response tokens (up to and including the first EOS) and 0.0
+on padding; every masked function ignores the positions where it is 0.
+
+The reference policy of the KL penalty is the same model with the PPO adapter
+disabled (``with policy.disable_adapter():``), so the weights exist once in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+
+from tasks.config import GenerationSettings, LoraSettings, PPOSettings
+
+logger = logging.getLogger(__name__)
+
+KLEstimator = Literal["k1", "abs", "mse", "k3"]
+RewardFn = Callable[[list[str]], torch.Tensor]
+
+
+class PPOTrainingError(RuntimeError):
+    """Training diverged: a non-finite reward or loss, or the policy drifted past the KL ceiling."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure tensor functions
+# ---------------------------------------------------------------------------------------------
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``values`` over the positions where ``mask`` is 1 (over ``dim``, or over all)."""
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum()
+    return (values * mask).sum(dim) / mask.sum(dim)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``values`` over the masked positions; ``unbiased`` applies Bessel's correction."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        count = mask.sum()
+        if count < 2:
+            raise ValueError(f"unbiased variance needs at least 2 masked values, got {int(count)}")
+        variance = variance * count / (count - 1)
+    return variance
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Scale ``values`` to unit variance over the mask, and to zero mean when ``shift_mean``.
+
+    With ``shift_mean=False`` the mean is kept, only the spread is normalised. Positions
+    outside the mask come back as 0.
+    """
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask.to(values.dtype)
+
+
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2016) by a reverse scan over tokens.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``,
+    with ``V`` and ``A`` taken as 0 past the last valid token (the episode ends there,
+    no bootstrapping). Returns ``(advantages, returns)`` with ``returns = advantages + values``,
+    both [B, T] and 0 outside the mask.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    num_tokens = rewards.shape[1]
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(num_tokens)):
+        nextvalues = values[:, t + 1] if t < num_tokens - 1 else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = (delta + gamma * lam * lastgaelam) * mask[:, t]
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs.
+
+    ``k1``: log p - log q (unbiased, can be negative); ``abs``: its absolute value;
+    ``mse``: 0.5 * (log p - log q)^2; ``k3``: (q/p - 1) - log(q/p), unbiased and
+    non-negative (joschu.net/blog/kl-approx.html).
+    """
+    logratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return logratio
+    if estimator == "abs":
+        return logratio.abs()
+    if estimator == "mse":
+        return 0.5 * logratio**2
+    if estimator == "k3":
+        return torch.expm1(-logratio) + logratio
+    raise ValueError(f"unknown KL estimator {estimator!r}: expected 'k1', 'abs', 'mse' or 'k3'")
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate objective, as a loss to minimise, averaged over masked tokens.
+
+    Returns ``(pg_loss, clipfrac, approx_kl)``: ``clipfrac`` is the share of tokens where
+    the clipped term is the active one, ``approx_kl`` = mean 0.5 * logratio^2, an estimate
+    of KL(old || new) (joschu.net/blog/kl-approx.html; Huang et al. log the same).
+    """
+    logratio = logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    clipfrac = masked_mean((pg_loss2 > pg_loss1).to(logprobs.dtype), mask)
+    approx_kl = masked_mean(0.5 * logratio**2, mask)
+    return pg_loss, clipfrac, approx_kl
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange_value: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss: 0.5 * mean of max((V - R)^2, (V_clipped - R)^2) over masked tokens.
+
+    ``V_clipped`` keeps the new prediction within ``cliprange_value`` of the rollout's.
+    Returns ``(vf_loss, vf_clipfrac)``.
+    """
+    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    v_loss_unclipped = (values - returns) ** 2
+    v_loss_clipped = (v_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mask)
+    vf_clipfrac = masked_mean((v_loss_clipped > v_loss_unclipped).to(values.dtype), mask)
+    return vf_loss, vf_clipfrac
+
+
+def per_token_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kl_estimator: KLEstimator = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ziegler et al.'s reward: ``-kl_coef * KL`` on every token, plus the score on the last one.
+
+    ``scores`` [B] land on each row's last valid response token. Returns
+    ``(rewards, non_score_reward)``, both [B, T] and 0 outside the mask.
+    """
+    mask = mask.to(logprobs.dtype)
+    lengths = mask.sum(dim=1)
+    if bool((lengths == 0).any()):
+        raise ValueError("every response needs at least one valid token")
+    non_score_reward = -kl_coef * kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last_index = (mask * positions).argmax(dim=1)  # last position where the mask is 1
+    rewards = non_score_reward.clone()
+    rewards[torch.arange(mask.shape[0], device=mask.device), last_index] += scores.to(rewards.dtype)
+    return rewards, non_score_reward
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over masked tokens; NaN when returns are constant.
+
+    1 is a perfect value function, 0 no better than a constant, negative worse.
+    """
+    var_returns = masked_var(returns, mask, unbiased=False)
+    if var_returns == 0:
+        return math.nan
+    return float(1.0 - masked_var(returns - values, mask, unbiased=False) / var_returns)
+
+
+# ---------------------------------------------------------------------------------------------
+# KL controllers
+# ---------------------------------------------------------------------------------------------
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019, section 2.2: steer the KL coefficient towards a target KL.
+
+    ``e = clip(KL / target - 1, -0.2, 0.2)`` and ``beta <- beta * (1 + e * n_steps / horizon)``.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value = init_kl_coef
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Move the coefficient after ``n_steps`` samples whose mean sequence KL was ``current_kl``."""
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "adaptive", "value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "adaptive":
+            raise ValueError(f"not an adaptive KL controller state: {state!r}")
+        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), int(state["horizon"])
+
+
+class FixedKLController:
+    """A constant KL coefficient; ``update`` does nothing."""
+
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Keep the coefficient."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "fixed", "value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "fixed":
+            raise ValueError(f"not a fixed KL controller state: {state!r}")
+        self.value = float(state["value"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Value head
+# ---------------------------------------------------------------------------------------------
+
+
+class ValueHead(nn.Module):
+    """Scalar value per decoder position: Linear(hidden_size, 1) on the last decoder hidden state.
+
+    ``init_std`` = 0 starts from zeros, so the first values are 0 and the first value-loss
+    gradient never pushes on the shared trunk.
+    """
+
+    def __init__(self, hidden_size: int, init_std: float = 0.0, dropout: float = 0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.summary = nn.Linear(hidden_size, 1)
+        if init_std == 0:
+            nn.init.zeros_(self.summary.weight)
+        else:
+            nn.init.normal_(self.summary.weight, std=init_std)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, T, hidden_size] -> [B, T] in the head's dtype (float32 even under a bf16 policy)."""
+        hidden_states = hidden_states.to(self.summary.weight.dtype)
+        return self.summary(self.dropout(hidden_states)).squeeze(-1)
+
+
+def load_value_head(path: Path) -> ValueHead:
+    """A value head saved by :meth:`PPOTrainer.save` (``value_head.safetensors``)."""
+    state = load_file(str(path))
+    head = ValueHead(state["summary.weight"].shape[1])
+    head.load_state_dict(state)
+    return head
+
+
+# ---------------------------------------------------------------------------------------------
+# Model building
+# ---------------------------------------------------------------------------------------------
+
+
+def build_policy(
+    policy_name: str,
+    sft_adapter_dir: Path | None,
+    lora: LoraSettings,
+    device: str | torch.device,
+    trust_remote_code: bool = False,
+) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """The PPO policy: base seq2seq model, SFT adapter merged in, a fresh LoRA adapter on top.
+
+    The SFT adapter is frozen into the weights (``merge_and_unload``), so disabling the new
+    PPO adapter gives the SFT policy: the reference of the KL penalty, with no second copy
+    of the weights. Only the PPO adapter's parameters are trainable.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(policy_name, trust_remote_code=trust_remote_code)
+    model = AutoModelForSeq2SeqLM.from_pretrained(
+        policy_name, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    if sft_adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(sft_adapter_dir)).merge_and_unload()
+        logger.info("merged SFT adapter %s into %s", sft_adapter_dir, policy_name)
+    lora_config = LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+    )
+    policy = get_peft_model(model, lora_config).to(device)
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in policy.parameters())
+    logger.info("PPO LoRA adapter: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    return policy, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses and everything PPO needs from the sampling policy.
+
+    Token tensors are [B, T] on the trainer's device; ``response_ids`` holds the pad token
+    wherever ``response_mask`` is 0.
+    """
+
+    prompt_ids: torch.Tensor  # [B, P] right-padded encoder input
+    prompt_mask: torch.Tensor  # [B, P] encoder attention mask
+    response_ids: torch.Tensor  # [B, T] sampled tokens, without the decoder start token
+    response_mask: torch.Tensor  # [B, T] float, 1 up to and including the first EOS / length budget
+    length_budget: torch.Tensor  # [B] response length drawn per sample (the seeds' LengthSampler)
+    texts: list[str]  # decoded responses, special tokens skipped
+    scores: torch.Tensor  # [B] reward_fn(texts)
+    logprobs: torch.Tensor  # [B, T] log pi_old(token), logits / temperature
+    ref_logprobs: torch.Tensor  # [B, T] same under the reference (adapter disabled)
+    values: torch.Tensor  # [B, T] value head on the rollout policy
+    entropy: torch.Tensor  # [B, T] entropy of pi_old at each position
+
+
+class PPOTrainer:
+    """PPO with a per-token KL penalty for a LoRA-adapted seq2seq policy.
+
+    ``reward_fn`` maps decoded responses to one score each (a [B] tensor). The reference
+    policy is ``policy`` with its adapter disabled. Dropout is off throughout (the model
+    stays in eval mode), so the first mini-batch's ratio is exactly 1 (Huang et al.).
+    """
+
+    def __init__(
+        self,
+        policy: PeftModel,
+        value_head: ValueHead,
+        tokenizer: PreTrainedTokenizerBase,
+        reward_fn: RewardFn,
+        ppo: PPOSettings,
+        generation: GenerationSettings,
+        device: str | torch.device,
+    ):
+        self.device = torch.device(device)
+        self.policy = policy.to(self.device)
+        self.value_head = value_head.to(self.device)
+        self.tokenizer = tokenizer
+        self.reward_fn = reward_fn
+        self.ppo = ppo
+        self.generation = generation
+
+        config = policy.config
+        self.decoder_start_token_id = config.decoder_start_token_id
+        self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+        if None in (self.decoder_start_token_id, self.eos_token_id, self.pad_token_id):
+            raise ValueError(
+                "the policy needs decoder_start_token_id, eos_token_id and pad_token_id; got "
+                f"{self.decoder_start_token_id}, {self.eos_token_id}, {self.pad_token_id}"
+            )
+
+        self.trainable_params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
+        if len(self.trainable_params) == len(list(value_head.parameters())):
+            raise ValueError("the policy has no trainable parameters: pass a model with a LoRA adapter")
+        # eps=1e-5 as in CleanRL and Huang et al.'s reference runs.
+        self.optimizer = torch.optim.Adam(self.trainable_params, lr=ppo.learning_rate, eps=1e-5)
+        self.kl_ctl: AdaptiveKLController | FixedKLController = (
+            AdaptiveKLController(ppo.init_kl_coef, ppo.target_kl, ppo.kl_horizon)
+            if ppo.adaptive_kl
+            else FixedKLController(ppo.init_kl_coef)
+        )
+        self.generator = torch.Generator().manual_seed(ppo.seed)
+        self.steps_done = 0
+
+    # -- rollout ---------------------------------------------------------------------------
+
+    def generation_config(self, max_new_tokens: int) -> GenerationConfig:
+        """Pure sampling from softmax(logits / temperature), filtered only by top-k and top-p."""
+        return GenerationConfig(
+            do_sample=True,
+            top_k=self.generation.top_k,
+            top_p=self.generation.top_p,
+            temperature=self.generation.temperature,
+            max_new_tokens=max_new_tokens,
+            num_beams=1,
+            decoder_start_token_id=self.decoder_start_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+
+    @contextmanager
+    def _only_our_sampling(self) -> Iterator[None]:
+        # generate() fills every unset field from the checkpoint's generation_config.json
+        # (no_repeat_ngram_size, repetition_penalty, forced_eos_token_id, ...). Any of those
+        # would sample from a distribution other than the one whose log-probs PPO uses, so
+        # the checkpoint's config is swapped out for the duration of the call.
+        model = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
+        saved = model.generation_config
+        model.generation_config = GenerationConfig(
+            decoder_start_token_id=self.decoder_start_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+        try:
+            yield
+        finally:
+            model.generation_config = saved
+
+    def _pad_prompts(self, prompt_input_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not prompt_input_ids or any(len(ids) == 0 for ids in prompt_input_ids):
+            raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+        width = max(len(ids) for ids in prompt_input_ids)
+        # T5's encoder is bidirectional with relative positions: right padding plus the
+        # attention mask is exact; the decoder always starts at position 0.
+        prompt_ids = torch.full((len(prompt_input_ids), width), self.pad_token_id, dtype=torch.long)
+        prompt_mask = torch.zeros((len(prompt_input_ids), width), dtype=torch.long)
+        for row, ids in enumerate(prompt_input_ids):
+            prompt_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            prompt_mask[row, : len(ids)] = 1
+        return prompt_ids.to(self.device), prompt_mask.to(self.device)
+
+    def _response_mask(self, response_ids: torch.Tensor, length_budget: torch.Tensor) -> torch.Tensor:
+        """1 on tokens up to and including the first EOS, and within each sample's length budget."""
+        positions = torch.arange(response_ids.shape[1], device=response_ids.device)
+        is_eos = response_ids == self.eos_token_id
+        first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), response_ids.shape[1])
+        length = torch.minimum(first_eos + 1, length_budget.to(response_ids.device))
+        return (positions[None, :] < length[:, None]).float()
+
+    def _forward(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Log-probs of ``response_ids`` under teacher forcing, the values, optionally the entropy.
+
+        The decoder is causal, so the padding after a response's end cannot change the
+        positions before it; the losses mask those positions out.
+        """
+        start = torch.full_like(response_ids[:, :1], self.decoder_start_token_id)
+        decoder_input_ids = torch.cat([start, response_ids[:, :-1]], dim=1)
+        output = self.policy(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            decoder_input_ids=decoder_input_ids,
+            output_hidden_states=True,
+        )
+        # Log-probs of the distribution that was sampled: logits / temperature (Huang et al.).
+        logits = output.logits.float() / self.generation.temperature
+        all_logprobs = F.log_softmax(logits, dim=-1)
+        logprobs = torch.gather(all_logprobs, 2, response_ids.unsqueeze(-1)).squeeze(-1)
+        values = self.value_head(output.decoder_hidden_states[-1])
+        entropy = None
+        if with_entropy:
+            entropy = -(all_logprobs.exp() * all_logprobs).sum(dim=-1)
+        return logprobs, values, entropy
+
+    def rollout(self, prompt_input_ids: list[list[int]]) -> Rollout:
+        """Sample one response per prompt in one batched ``generate``, score them, and record
+        the sampling policy's log-probs and values and the reference's log-probs."""
+        self.policy.eval()
+        self.value_head.eval()
+        prompt_ids, prompt_mask = self._pad_prompts(prompt_input_ids)
+        batch_size = prompt_ids.shape[0]
+        length_budget = torch.randint(
+            self.generation.min_new_tokens,
+            self.generation.max_new_tokens + 1,
+            (batch_size,),
+            generator=self.generator,
+        )
+        # no_grad rather than inference_mode: inference tensors cannot be saved for backward,
+        # and the response ids feed the training forward pass.
+        with torch.no_grad(), self._only_our_sampling():
+            sequences = self.policy.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                generation_config=self.generation_config(int(length_budget.max())),
+            )
+        response_ids = sequences[:, 1:]  # drop the decoder start token
+        response_mask = self._response_mask(response_ids, length_budget)
+        response_ids = response_ids.masked_fill(response_mask == 0, self.pad_token_id)
+        texts = self.tokenizer.batch_decode(response_ids.tolist(), skip_special_tokens=True)
+
+        scores = self.reward_fn(texts)
+        scores = torch.as_tensor(scores, dtype=torch.float32).to(self.device)
+        if scores.shape != (batch_size,):
+            raise PPOTrainingError(f"reward_fn returned shape {tuple(scores.shape)}, expected ({batch_size},)")
+        if not torch.isfinite(scores).all():
+            bad = int((~torch.isfinite(scores)).sum())
+            raise PPOTrainingError(f"reward_fn returned {bad} non-finite rewards (NaN or inf) of {batch_size}")
+
+        chunks: list[tuple[torch.Tensor, ...]] = []
+        with torch.no_grad():
+            for start in range(0, batch_size, self.ppo.mini_batch_size):
+                rows = slice(start, start + self.ppo.mini_batch_size)
+                args = (prompt_ids[rows], prompt_mask[rows], response_ids[rows])
+                logprobs, values, entropy = self._forward(*args, with_entropy=True)
+                with self.policy.disable_adapter():
+                    ref_logprobs, _, _ = self._forward(*args)
+                chunks.append((logprobs, ref_logprobs, values, entropy))
+        logprobs, ref_logprobs, values, entropy = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+        return Rollout(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            length_budget=length_budget,
+            texts=texts,
+            scores=scores,
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            entropy=entropy,
+        )
+
+    # -- one PPO step ----------------------------------------------------------------------
+
+    def step(self, prompt_input_ids: list[list[int]]) -> dict[str, float]:
+        """Rollout, rewards with the KL penalty, GAE, then ``ppo_epochs`` of clipped updates."""
+        ppo = self.ppo
+        started = time.perf_counter()
+        rollout = self.rollout(prompt_input_ids)
+        mask = rollout.response_mask
+        batch_size = mask.shape[0]
+
+        # Rewards: -beta * KL per token, score at the last token (Ziegler et al., eq. 2).
+        kl_coef = self.kl_ctl.value
+        rewards, non_score_reward = per_token_rewards(
+            rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef
+        )
+        sequence_kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(dim=1)
+        mean_kl = float(sequence_kl.mean())
+        if not math.isfinite(mean_kl):
+            raise PPOTrainingError(f"KL to the reference is not finite ({mean_kl}) at step {self.steps_done}")
+        if mean_kl > ppo.kl_ceiling:
+            raise PPOTrainingError(
+                f"mean KL to the reference {mean_kl:.2f} nats exceeds kl_ceiling {ppo.kl_ceiling} at step "
+                f"{self.steps_done}: the policy drifted too far (lower learning_rate or raise init_kl_coef)"
+            )
+
+        old_values = rollout.values * mask
+        advantages, returns = compute_gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
+        raw_advantages_mean = float(masked_mean(advantages, mask))
+        advantages = whiten(advantages, mask)
+
+        # Optimise: ppo_epochs passes over shuffled mini-batches; the model stays in eval
+        # mode so dropout does not make the first ratio differ from 1.
+        losses: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": []}
+        for _epoch in range(ppo.ppo_epochs):
+            order = torch.randperm(batch_size, generator=self.generator).to(self.device)
+            for start in range(0, batch_size, ppo.mini_batch_size):
+                mb = order[start : start + ppo.mini_batch_size]
+                new_logprobs, new_values, _ = self._forward(
+                    rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.response_ids[mb]
+                )
+                pg_loss, clipfrac, approx_kl = policy_loss(
+                    new_logprobs, rollout.logprobs[mb], advantages[mb], mask[mb], ppo.cliprange
+                )
+                vf_loss, _vf_clipfrac = value_loss(
+                    new_values, old_values[mb], returns[mb], mask[mb], ppo.cliprange_value
+                )
+                loss = pg_loss + ppo.vf_coef * vf_loss
+                if not torch.isfinite(loss):
+                    raise PPOTrainingError(
+                        f"non-finite loss at step {self.steps_done} (policy {pg_loss.item()}, value {vf_loss.item()})"
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(self.trainable_params, ppo.max_grad_norm)
+                self.optimizer.step()
+                losses["policy_loss"].append(pg_loss.item())
+                losses["value_loss"].append(vf_loss.item())
+                losses["clipfrac"].append(clipfrac.item())
+                losses["approx_kl"].append(approx_kl.item())
+
+        self.kl_ctl.update(mean_kl, batch_size)
+        self.steps_done += 1
+        elapsed = time.perf_counter() - started
+        scores = rollout.scores
+        metrics = {
+            "reward_mean": float(scores.mean()),
+            "reward_std": float(scores.std()) if batch_size > 1 else 0.0,
+            "kl": mean_kl,
+            "kl_coef": kl_coef,
+            "entropy": float(masked_mean(rollout.entropy, mask)),
+            **{name: sum(vals) / len(vals) for name, vals in losses.items()},
+            "returns_mean": float(masked_mean(returns, mask)),
+            "advantages_mean": raw_advantages_mean,  # before whitening, which makes it 0
+            "explained_variance": explained_variance(old_values, returns, mask),
+            "response_length": float(mask.sum(dim=1).mean()),
+            "tokens_per_second": float(mask.sum()) / elapsed,
+            "non_score_reward": float(non_score_reward.sum(dim=1).mean()),
+        }
+        return metrics
+
+    # -- training loop ---------------------------------------------------------------------
+
+    def train(
+        self,
+        prompts: list[list[int]],
+        steps: int,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> list[dict[str, float]]:
+        """Run ``steps`` PPO steps over batches of ``ppo.batch_size`` prompts, reshuffled each pass.
+
+        ``on_step(step, metrics)`` runs after each step (logging, checkpoints). Raises
+        :class:`PPOTrainingError` when training diverges.
+        """
+        if not prompts:
+            raise ValueError("no prompts to train on")
+        torch.manual_seed(self.ppo.seed + self.steps_done)  # generate() samples from the global RNG
+        history: list[dict[str, float]] = []
+        order: list[int] = []
+        progress = tqdm(range(steps), desc="ppo", unit="step")
+        for step in progress:
+            batch: list[list[int]] = []
+            while len(batch) < self.ppo.batch_size:
+                if not order:
+                    order = torch.randperm(len(prompts), generator=self.generator).tolist()
+                batch.append(prompts[order.pop()])
+            metrics = self.step(batch)
+            history.append(metrics)
+            progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2f}")
+            logger.info(
+                "ppo step %d/%d: reward %.4f kl %.3f kl_coef %.4f policy_loss %.4f value_loss %.4f",
+                step + 1,
+                steps,
+                metrics["reward_mean"],
+                metrics["kl"],
+                metrics["kl_coef"],
+                metrics["policy_loss"],
+                metrics["value_loss"],
+            )
+            if on_step is not None:
+                on_step(step, metrics)
+        return history
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def save(self, out_dir: Path) -> None:
+        """Write ``adapter/`` (safetensors), ``value_head.safetensors`` and ``trainer_state.json``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.policy.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
+        head_state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.value_head.state_dict().items()}
+        save_file(head_state, str(out_dir / "value_head.safetensors"))
+        state = {"steps_done": self.steps_done, "kl_controller": self.kl_ctl.state_dict()}
+        (out_dir / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+    def load(self, out_dir: Path) -> None:
+        """Restore what :meth:`save` wrote (adapter weights, value head, KL coefficient, step count).
+
+        The Adam moments are not saved: after a resume they start again from zero.
+        """
+        out_dir = Path(out_dir)
+        adapter_state = load_file(str(out_dir / "adapter" / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(self.policy, adapter_state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"adapter in {out_dir} does not fit the policy: {result.unexpected_keys[:5]}")
+        self.value_head.load_state_dict(load_file(str(out_dir / "value_head.safetensors"), device=str(self.device)))
+        state = json.loads((out_dir / "trainer_state.json").read_text())
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.steps_done = int(state["steps_done"])

@@ -1,0 +1,63 @@
+"""The registered summarizer as an MLflow pyfunc model ("models from code").
+
+MLflow logs this file itself as the model's code, so loading the model needs only
+mlflow, torch and transformers — not this project. transformers 5 has no
+summarization pipeline, hence a PythonModel around the merged ``save_pretrained``
+folder, which travels as the artifact ``model``. Input: dialogues (a DataFrame with a
+``dialogue`` column, or a list of strings); output: one summary per dialogue.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+SERVING_CONFIG = "detox_serving.json"
+
+
+class DetoxSummarizer(PythonModel):
+    def load_context(self, context) -> None:
+        import torch
+        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+        model_dir = Path(context.artifacts["model"])
+        self.settings = json.loads((model_dir / SERVING_CONFIG).read_text())
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, use_safetensors=True).to(self.device).eval()
+
+    def predict(self, context, model_input, params=None) -> list[str]:
+        import torch
+
+        dialogues = _dialogues(model_input)
+        template = self.settings["prompt_template"]
+        batch_size = int(self.settings.get("batch_size", 16))
+        summaries: list[str] = []
+        for start in range(0, len(dialogues), batch_size):
+            prompts = [template.format(dialogue=d) for d in dialogues[start : start + batch_size]]
+            batch = self.tokenizer(
+                prompts, padding=True, truncation=True,
+                max_length=self.settings["max_prompt_tokens"], return_tensors="pt",
+            ).to(self.device)
+            with torch.inference_mode():
+                output = self.model.generate(
+                    **batch, max_new_tokens=self.settings["max_new_tokens"], do_sample=False, num_beams=1
+                )
+            summaries.extend(t.strip() for t in self.tokenizer.batch_decode(output, skip_special_tokens=True))
+        return summaries
+
+
+def _dialogues(model_input) -> list[str]:
+    if hasattr(model_input, "columns"):
+        if "dialogue" not in model_input.columns:
+            raise ValueError(f"input needs a 'dialogue' column; got {list(model_input.columns)}")
+        return [str(d) for d in model_input["dialogue"]]
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(d) for d in model_input]
+
+
+mlflow.models.set_model(DetoxSummarizer())

@@ -1,0 +1,117 @@
+"""MLflow bookkeeping: one run per pipeline run, shared by every step.
+
+The run is found by the tag ``detox.run_key`` (the Airflow run id, or the id given to
+the ``detox`` command), so a retried task or a later step logs into the same run
+instead of opening a second one. Steps log under their own prefix
+(``data/``, ``adapter/``, ``baseline/``, ``ppo/``, ``eval/``, ``promotion/``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from tasks.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+RUN_KEY_TAG = "detox.run_key"
+
+
+def client() -> MlflowClient:
+    return MlflowClient()
+
+
+def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
+    mlflow_client = client()
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:
+        # Another step created it between our look-up and create.
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def open_run(config: RunConfig, run_key: str, tags: dict[str, str] | None = None) -> str:
+    """The id of the MLflow run for ``run_key``, created (with the config as params) on first use."""
+    experiment_id = ensure_experiment(config.experiment_name, config.mlflow_artifact_location)
+    mlflow_client = client()
+    run_id = _find_run(experiment_id, run_key)
+    if run_id is None:
+        run = mlflow_client.create_run(experiment_id, run_name=run_key, tags={RUN_KEY_TAG: run_key})
+        run_id = _settle_race(experiment_id, run_key, run.info.run_id)
+        log_params(run_id, flatten(config.model_dump()), prefix="config/")
+        logger.info("opened MLflow run %s for %s", run_id, run_key)
+    if tags:
+        mlflow_client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    return run_id
+
+
+def _find_run(experiment_id: str, run_key: str) -> str | None:
+    runs = _runs_for_key(experiment_id, run_key)
+    return runs[0] if runs else None
+
+
+def _runs_for_key(experiment_id: str, run_key: str) -> list[str]:
+    escaped = run_key.replace("'", "\\'")
+    runs = client().search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{escaped}'", max_results=50
+    )
+    return [run.info.run_id for run in sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))]
+
+
+def _settle_race(experiment_id: str, run_key: str, created: str) -> str:
+    """Two steps that start together may both create a run: the oldest wins, the others are deleted."""
+    winner = _runs_for_key(experiment_id, run_key)[0]
+    if winner != created:
+        client().delete_run(created)
+        logger.info("run %s for %s already existed; using it", winner, run_key)
+    return winner
+
+
+def log_params(run_id: str, params: dict[str, Any], prefix: str = "") -> None:
+    entries = [Param(f"{prefix}{k}", str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(entries), 100):
+        client().log_batch(run_id, params=entries[start : start + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], prefix: str = "", step: int = 0) -> None:
+    import time
+
+    now = int(time.time() * 1000)
+    entries = [
+        Metric(f"{prefix}{k}", float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+    if entries:
+        client().log_batch(run_id, metrics=entries)
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, str(path), artifact_path)
+
+
+def flatten(tree: dict[str, Any], parent: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{parent}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

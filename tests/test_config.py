@@ -1,0 +1,64 @@
+import pytest
+
+from tasks.config import ConfigError, RunConfig, config_from_params, form_field_schemas
+
+
+def test_profiles_differ_where_they_should():
+    demo = RunConfig.for_profile("demo")
+    production = RunConfig.for_profile("production")
+    assert production.model.reward_model_name == "facebook/roberta-hate-speech-dynabench-r4-target"
+    assert production.lora.r == 32 and production.lora.target_modules == ["q", "v"]
+    assert production.ppo.learning_rate == pytest.approx(1.41e-5)
+    assert demo.model.policy_name.endswith("policy-base")
+    assert demo.device == "cpu"
+
+
+def test_dotted_and_nested_overrides():
+    config = RunConfig.for_profile("demo", {"ppo.steps": 3, "eval": {"num_samples": 7}})
+    assert config.ppo.steps == 3
+    assert config.eval.num_samples == 7
+    assert config.eval.batch_size == RunConfig.for_profile("demo").eval.batch_size
+
+
+def test_unknown_fields_are_named():
+    with pytest.raises(ConfigError, match=r"unknown field 'ppo\.learnin_rate'"):
+        RunConfig.for_profile("demo", {"ppo.learnin_rate": 1e-4})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"ppo.batch_size": 10, "ppo.mini_batch_size": 4}, "multiple of mini_batch_size"),
+        ({"data.prompt_template": "no placeholder"}, "{dialogue}"),
+        ({"ppo.steps": 0}, "ppo.steps"),
+        ({"data.min_dialogue_chars": 500, "data.max_dialogue_chars": 100}, "min_dialogue_chars"),
+    ],
+)
+def test_bad_values_are_rejected(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        RunConfig.for_profile("demo", overrides)
+
+
+def test_params_map_onto_config():
+    config = config_from_params({"profile": "demo", "ppo_steps": 4, "learning_rate": None,
+                                 "overrides": {"ppo.seed": 9}})
+    assert config.ppo.steps == 4 and config.ppo.seed == 9
+    assert config.ppo.learning_rate == RunConfig.for_profile("demo").ppo.learning_rate
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        config_from_params({"profile": "demo", "ppo_stepz": 4})
+
+
+def test_form_schema_carries_bounds_and_descriptions():
+    schemas = form_field_schemas()
+    assert schemas["ppo_steps"]["type"] == ["null", "integer"]
+    assert schemas["ppo_steps"]["exclusiveMinimum"] == 0
+    assert schemas["max_rouge_l_drop"]["maximum"] == 1
+    assert all(schema["description"] for schema in schemas.values())
+
+
+def test_run_dir_is_run_scoped_and_safe(tmp_path):
+    config = RunConfig.for_profile("demo", {"artifact_root": str(tmp_path)})
+    first = config.run_dir("manual__2026-11-21T05:00:00+00:00")
+    second = config.run_dir("scheduled__2026-11-21T05:00:00+00:00")
+    assert first != second
+    assert first.parent == tmp_path and ":" not in first.name
