@@ -13,11 +13,14 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks import tracking
 from tasks.config import RunConfig, detox_home
+from tasks.embedded import EmbeddedPaths, build_embedded_default
 
 logger = logging.getLogger(__name__)
 
@@ -43,32 +46,43 @@ def demo_environment(home: Path) -> dict[str, str]:
     }
 
 
-def run_demo(engine: str = "airflow", overrides: dict | None = None, home: Path | None = None) -> dict:
-    """Build the embedded default, run the pipeline, and return what the run produced."""
-    from tasks.embedded import build_embedded_default
+@contextmanager
+def demo_services(home: Path | None = None) -> Iterator[EmbeddedPaths]:
+    """The demo's world: environment set, embedded default built, S3 on loopback holding the adapter."""
     from tasks.local_s3 import LocalS3Server
     from tasks.storage import s3_client, upload_directory
 
     home = (home or detox_home()).resolve()
     os.environ.update(demo_environment(home))
     (home / "airflow").mkdir(parents=True, exist_ok=True)
-    config = RunConfig.for_profile("demo", overrides)
     embedded = build_embedded_default(home)
-
-    started = datetime.now(UTC)
+    adapter_uri = RunConfig.for_profile("demo").model.sft_adapter_uri
     with LocalS3Server() as s3:
         os.environ.update(s3.env())
-        upload_directory(embedded.sft_adapter, config.model.sft_adapter_uri, client=s3_client(s3.endpoint_url))
-        logger.info("SFT adapter uploaded to %s on %s", config.model.sft_adapter_uri, s3.endpoint_url)
-        if engine == "airflow":
-            run_key = _run_dag(started, overrides or {})
-        elif engine == "local":
-            from tasks.pipeline import StepContext, run_all
+        upload_directory(embedded.sft_adapter, adapter_uri, client=s3_client(s3.endpoint_url))
+        logger.info("SFT adapter uploaded to %s on %s", adapter_uri, s3.endpoint_url)
+        yield embedded
 
-            run_key = f"local__{started.strftime('%Y%m%dT%H%M%S')}"
-            run_all(config, StepContext(run_key=run_key, dag_id=DAG_ID))
-        else:
-            raise ValueError(f"unknown engine {engine!r}: expected 'airflow' or 'local'")
+
+def run_demo(engine: str = "airflow", overrides: dict | None = None, home: Path | None = None) -> dict:
+    """Build the embedded default, run the pipeline, and return what the run produced."""
+    with demo_services(home):
+        return run_pipeline(engine, overrides)
+
+
+def run_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict:
+    """One run of the pipeline on the demo profile (inside :func:`demo_services`); its report."""
+    config = RunConfig.for_profile("demo", overrides)
+    started = datetime.now(UTC)
+    if engine == "airflow":
+        run_key = _run_dag(started, overrides or {})
+    elif engine == "local":
+        from tasks.pipeline import StepContext, run_all
+
+        run_key = f"local__{started.strftime('%Y%m%dT%H%M%S%f')}"
+        run_all(config, StepContext(run_key=run_key, dag_id=DAG_ID))
+    else:
+        raise ValueError(f"unknown engine {engine!r}: expected 'airflow' or 'local'")
     return run_report(config, run_key)
 
 

@@ -20,7 +20,7 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from tasks.config import EvalSettings, GenerationSettings
-from tasks.models import RewardModel
+from tasks.models import RewardModel, sample, special_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def generate_summaries(
 ) -> list[str]:
     """Sampled summaries, one batched ``generate`` per batch, batch ``b`` seeded with ``seed + b``."""
     device = next(model.parameters()).device
+    tokens = special_tokens(model, tokenizer)
     summaries: list[str] = []
     starts = range(0, len(input_ids), settings.batch_size)
     for batch_index, start in enumerate(tqdm(starts, desc=desc, leave=False)):
@@ -56,13 +57,8 @@ def generate_summaries(
             {"input_ids": input_ids[start : start + settings.batch_size]}, return_tensors="pt"
         ).to(device)
         torch.manual_seed(settings.seed + batch_index)
-        output = model.generate(
-            **batch,
-            do_sample=True,
-            top_k=generation.top_k,
-            top_p=generation.top_p,
-            temperature=generation.temperature,
-            max_new_tokens=settings.max_new_tokens,
+        output = sample(
+            model, batch["input_ids"], batch["attention_mask"], generation, settings.max_new_tokens, tokens
         )
         summaries.extend(text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True))
     return summaries

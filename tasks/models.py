@@ -8,10 +8,20 @@ config turns it on. A name is either a local folder or a Hugging Face Hub reposi
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+)
+
+from tasks.config import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +52,76 @@ def load_policy(
         logger.info("merged adapter %s into %s", adapter_dir, policy_name)
     model.to(device).eval()
     return model, tokenizer
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    decoder_start: int
+    eos: int
+    pad: int
+
+
+def special_tokens(model, tokenizer) -> SpecialTokens:
+    """Decoder start, EOS and pad ids of a seq2seq policy (T5: 0, 1, 0)."""
+
+    def first_set(*candidates: int | None) -> int | None:
+        return next((c for c in candidates if c is not None), None)
+
+    # transformers 5 keeps decoder_start_token_id out of T5Config's defaults: a checkpoint's
+    # config.json or generation_config.json carries it.
+    decoder_start = first_set(
+        model.generation_config.decoder_start_token_id, getattr(model.config, "decoder_start_token_id", None)
+    )
+    eos = first_set(tokenizer.eos_token_id, model.config.eos_token_id)
+    pad = first_set(tokenizer.pad_token_id, model.config.pad_token_id)
+    if None in (decoder_start, eos, pad):
+        raise ValueError(
+            "the policy needs decoder_start_token_id, eos_token_id and pad_token_id (T5: 0, 1, 0); "
+            f"got {decoder_start}, {eos}, {pad}"
+        )
+    return SpecialTokens(decoder_start, eos, pad)
+
+
+def sample(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    generation: GenerationSettings,
+    max_new_tokens: int,
+    tokens: SpecialTokens,
+) -> torch.Tensor:
+    """One batched ``generate``: pure sampling from softmax(logits / temperature), filtered
+    only by ``top_k``/``top_p`` — the distribution PPO's log-probs describe."""
+    config = GenerationConfig(
+        do_sample=True,
+        top_k=generation.top_k,
+        top_p=generation.top_p,
+        temperature=generation.temperature,
+        max_new_tokens=max_new_tokens,
+        num_beams=1,
+        decoder_start_token_id=tokens.decoder_start,
+        eos_token_id=tokens.eos,
+        pad_token_id=tokens.pad,
+    )
+    with _only_these_settings(model, tokens):
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+
+
+@contextmanager
+def _only_these_settings(model, tokens: SpecialTokens) -> Iterator[None]:
+    # generate() fills every unset field from the checkpoint's generation_config.json
+    # (no_repeat_ngram_size, repetition_penalty, forced_eos_token_id, ...). Any of those
+    # would sample from a distribution other than the one whose log-probs PPO uses, so
+    # the checkpoint's config is swapped out for the duration of the call.
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    target.generation_config = GenerationConfig(
+        decoder_start_token_id=tokens.decoder_start, eos_token_id=tokens.eos, pad_token_id=tokens.pad
+    )
+    try:
+        yield
+    finally:
+        target.generation_config = saved
 
 
 class RewardModel:

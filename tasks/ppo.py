@@ -25,8 +25,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,9 +36,10 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from tasks.config import GenerationSettings, LoraSettings, PPOSettings
+from tasks.models import load_policy, sample, special_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,9 @@ def compute_gae(
     return advantages, returns
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+def kl_penalty(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1"
+) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs.
 
     ``k1``: log p - log q (unbiased, can be negative); ``abs``: its absolute value;
@@ -239,7 +241,11 @@ class AdaptiveKLController:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") != "adaptive":
             raise ValueError(f"not an adaptive KL controller state: {state!r}")
-        self.value, self.target, self.horizon = float(state["value"]), float(state["target"]), int(state["horizon"])
+        self.value, self.target, self.horizon = (
+            float(state["value"]),
+            float(state["target"]),
+            int(state["horizon"]),
+        )
 
 
 class FixedKLController:
@@ -269,7 +275,8 @@ class ValueHead(nn.Module):
     """Scalar value per decoder position: Linear(hidden_size, 1) on the last decoder hidden state.
 
     ``init_std`` = 0 starts from zeros, so the first values are 0 and the first value-loss
-    gradient never pushes on the shared trunk.
+    gradient never pushes on the shared trunk. ``dropout`` only acts in train mode, which
+    :class:`PPOTrainer` does not use.
     """
 
     def __init__(self, hidden_size: int, init_std: float = 0.0, dropout: float = 0.0):
@@ -314,13 +321,8 @@ def build_policy(
     PPO adapter gives the SFT policy: the reference of the KL penalty, with no second copy
     of the weights. Only the PPO adapter's parameters are trainable.
     """
-    tokenizer = AutoTokenizer.from_pretrained(policy_name, trust_remote_code=trust_remote_code)
-    model = AutoModelForSeq2SeqLM.from_pretrained(
-        policy_name, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    if sft_adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(sft_adapter_dir)).merge_and_unload()
-        logger.info("merged SFT adapter %s into %s", sft_adapter_dir, policy_name)
+    sft_adapters = [Path(sft_adapter_dir)] if sft_adapter_dir is not None else []
+    model, tokenizer = load_policy(policy_name, sft_adapters, "cpu", trust_remote_code=trust_remote_code)
     lora_config = LoraConfig(
         task_type=TaskType.SEQ_2_SEQ_LM,
         r=lora.r,
@@ -331,7 +333,9 @@ def build_policy(
     policy = get_peft_model(model, lora_config).to(device)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     total = sum(p.numel() for p in policy.parameters())
-    logger.info("PPO LoRA adapter: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    logger.info(
+        "PPO LoRA adapter: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total
+    )
     return policy, tokenizer
 
 
@@ -387,19 +391,15 @@ class PPOTrainer:
         self.ppo = ppo
         self.generation = generation
 
-        config = policy.config
-        self.decoder_start_token_id = config.decoder_start_token_id
-        self.eos_token_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
-        if None in (self.decoder_start_token_id, self.eos_token_id, self.pad_token_id):
-            raise ValueError(
-                "the policy needs decoder_start_token_id, eos_token_id and pad_token_id; got "
-                f"{self.decoder_start_token_id}, {self.eos_token_id}, {self.pad_token_id}"
-            )
+        self.tokens = special_tokens(policy, tokenizer)
+        self.decoder_start_token_id = self.tokens.decoder_start
+        self.eos_token_id = self.tokens.eos
+        self.pad_token_id = self.tokens.pad
 
-        self.trainable_params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
-        if len(self.trainable_params) == len(list(value_head.parameters())):
+        adapter_params = [p for p in policy.parameters() if p.requires_grad]
+        if not adapter_params:
             raise ValueError("the policy has no trainable parameters: pass a model with a LoRA adapter")
+        self.trainable_params = adapter_params + list(value_head.parameters())
         # eps=1e-5 as in CleanRL and Huang et al.'s reference runs.
         self.optimizer = torch.optim.Adam(self.trainable_params, lr=ppo.learning_rate, eps=1e-5)
         self.kl_ctl: AdaptiveKLController | FixedKLController = (
@@ -411,38 +411,6 @@ class PPOTrainer:
         self.steps_done = 0
 
     # -- rollout ---------------------------------------------------------------------------
-
-    def generation_config(self, max_new_tokens: int) -> GenerationConfig:
-        """Pure sampling from softmax(logits / temperature), filtered only by top-k and top-p."""
-        return GenerationConfig(
-            do_sample=True,
-            top_k=self.generation.top_k,
-            top_p=self.generation.top_p,
-            temperature=self.generation.temperature,
-            max_new_tokens=max_new_tokens,
-            num_beams=1,
-            decoder_start_token_id=self.decoder_start_token_id,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-        )
-
-    @contextmanager
-    def _only_our_sampling(self) -> Iterator[None]:
-        # generate() fills every unset field from the checkpoint's generation_config.json
-        # (no_repeat_ngram_size, repetition_penalty, forced_eos_token_id, ...). Any of those
-        # would sample from a distribution other than the one whose log-probs PPO uses, so
-        # the checkpoint's config is swapped out for the duration of the call.
-        model = self.policy.get_base_model() if hasattr(self.policy, "get_base_model") else self.policy
-        saved = model.generation_config
-        model.generation_config = GenerationConfig(
-            decoder_start_token_id=self.decoder_start_token_id,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-        )
-        try:
-            yield
-        finally:
-            model.generation_config = saved
 
     def _pad_prompts(self, prompt_input_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         if not prompt_input_ids or any(len(ids) == 0 for ids in prompt_input_ids):
@@ -510,11 +478,9 @@ class PPOTrainer:
         )
         # no_grad rather than inference_mode: inference tensors cannot be saved for backward,
         # and the response ids feed the training forward pass.
-        with torch.no_grad(), self._only_our_sampling():
-            sequences = self.policy.generate(
-                input_ids=prompt_ids,
-                attention_mask=prompt_mask,
-                generation_config=self.generation_config(int(length_budget.max())),
+        with torch.no_grad():
+            sequences = sample(
+                self.policy, prompt_ids, prompt_mask, self.generation, int(length_budget.max()), self.tokens
             )
         response_ids = sequences[:, 1:]  # drop the decoder start token
         response_mask = self._response_mask(response_ids, length_budget)
@@ -524,10 +490,14 @@ class PPOTrainer:
         scores = self.reward_fn(texts)
         scores = torch.as_tensor(scores, dtype=torch.float32).to(self.device)
         if scores.shape != (batch_size,):
-            raise PPOTrainingError(f"reward_fn returned shape {tuple(scores.shape)}, expected ({batch_size},)")
+            raise PPOTrainingError(
+                f"reward_fn returned shape {tuple(scores.shape)}, expected ({batch_size},)"
+            )
         if not torch.isfinite(scores).all():
             bad = int((~torch.isfinite(scores)).sum())
-            raise PPOTrainingError(f"reward_fn returned {bad} non-finite rewards (NaN or inf) of {batch_size}")
+            raise PPOTrainingError(
+                f"reward_fn returned {bad} non-finite rewards (NaN or inf) of {batch_size}"
+            )
 
         chunks: list[tuple[torch.Tensor, ...]] = []
         with torch.no_grad():
@@ -585,7 +555,13 @@ class PPOTrainer:
 
         # Optimise: ppo_epochs passes over shuffled mini-batches; the model stays in eval
         # mode so dropout does not make the first ratio differ from 1.
-        losses: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": []}
+        losses: dict[str, list[float]] = {
+            "policy_loss": [],
+            "value_loss": [],
+            "clipfrac": [],
+            "approx_kl": [],
+            "value_clipfrac": [],
+        }
         for _epoch in range(ppo.ppo_epochs):
             order = torch.randperm(batch_size, generator=self.generator).to(self.device)
             for start in range(0, batch_size, ppo.mini_batch_size):
@@ -596,13 +572,14 @@ class PPOTrainer:
                 pg_loss, clipfrac, approx_kl = policy_loss(
                     new_logprobs, rollout.logprobs[mb], advantages[mb], mask[mb], ppo.cliprange
                 )
-                vf_loss, _vf_clipfrac = value_loss(
+                vf_loss, vf_clipfrac = value_loss(
                     new_values, old_values[mb], returns[mb], mask[mb], ppo.cliprange_value
                 )
                 loss = pg_loss + ppo.vf_coef * vf_loss
                 if not torch.isfinite(loss):
                     raise PPOTrainingError(
-                        f"non-finite loss at step {self.steps_done} (policy {pg_loss.item()}, value {vf_loss.item()})"
+                        f"non-finite loss at step {self.steps_done}: "
+                        f"policy loss {pg_loss.item()}, value loss {vf_loss.item()}"
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -612,6 +589,7 @@ class PPOTrainer:
                 losses["value_loss"].append(vf_loss.item())
                 losses["clipfrac"].append(clipfrac.item())
                 losses["approx_kl"].append(approx_kl.item())
+                losses["value_clipfrac"].append(vf_clipfrac.item())
 
         self.kl_ctl.update(mean_kl, batch_size)
         self.steps_done += 1
@@ -628,7 +606,7 @@ class PPOTrainer:
             "advantages_mean": raw_advantages_mean,  # before whitening, which makes it 0
             "explained_variance": explained_variance(old_values, returns, mask),
             "response_length": float(mask.sum(dim=1).mean()),
-            "tokens_per_second": float(mask.sum()) / elapsed,
+            "tokens_per_second": float(mask.sum()) / elapsed,  # response tokens per second of the whole step
             "non_score_reward": float(non_score_reward.sum(dim=1).mean()),
         }
         return metrics
@@ -643,7 +621,8 @@ class PPOTrainer:
     ) -> list[dict[str, float]]:
         """Run ``steps`` PPO steps over batches of ``ppo.batch_size`` prompts, reshuffled each pass.
 
-        ``on_step(step, metrics)`` runs after each step (logging, checkpoints). Raises
+        ``on_step(step, metrics)`` runs after each step (logging, checkpoints) with the
+        0-based step index, counted across :meth:`load` resumes. Raises
         :class:`PPOTrainingError` when training diverges.
         """
         if not prompts:
@@ -652,19 +631,19 @@ class PPOTrainer:
         history: list[dict[str, float]] = []
         order: list[int] = []
         progress = tqdm(range(steps), desc="ppo", unit="step")
-        for step in progress:
+        for _ in progress:
             batch: list[list[int]] = []
             while len(batch) < self.ppo.batch_size:
                 if not order:
                     order = torch.randperm(len(prompts), generator=self.generator).tolist()
                 batch.append(prompts[order.pop()])
             metrics = self.step(batch)
+            step = self.steps_done - 1
             history.append(metrics)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2f}")
             logger.info(
-                "ppo step %d/%d: reward %.4f kl %.3f kl_coef %.4f policy_loss %.4f value_loss %.4f",
-                step + 1,
-                steps,
+                "ppo step %d: reward %.4f kl %.3f kl_coef %.4f policy_loss %.4f value_loss %.4f",
+                step,
                 metrics["reward_mean"],
                 metrics["kl"],
                 metrics["kl_coef"],
@@ -682,7 +661,9 @@ class PPOTrainer:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.policy.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
-        head_state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.value_head.state_dict().items()}
+        head_state = {
+            name: tensor.detach().contiguous().cpu() for name, tensor in self.value_head.state_dict().items()
+        }
         save_file(head_state, str(out_dir / "value_head.safetensors"))
         state = {"steps_done": self.steps_done, "kl_controller": self.kl_ctl.state_dict()}
         (out_dir / "trainer_state.json").write_text(json.dumps(state, indent=2))
@@ -697,7 +678,9 @@ class PPOTrainer:
         result = set_peft_model_state_dict(self.policy, adapter_state)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"adapter in {out_dir} does not fit the policy: {result.unexpected_keys[:5]}")
-        self.value_head.load_state_dict(load_file(str(out_dir / "value_head.safetensors"), device=str(self.device)))
+        self.value_head.load_state_dict(
+            load_file(str(out_dir / "value_head.safetensors"), device=str(self.device))
+        )
         state = json.loads((out_dir / "trainer_state.json").read_text())
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.steps_done = int(state["steps_done"])

@@ -1,0 +1,505 @@
+"""PPO: the tensor functions on numbers worked out by hand, then the trainer on a tiny T5.
+
+The tiny T5 (d_model 32, one layer each side, a 64-token word-level vocabulary) is built
+from its config and first fine-tuned for a fraction of a second to say the word "insult"
+in about 40% of its output, so PPO has something to unlearn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+from tasks.config import GenerationSettings, LoraSettings, PPOSettings
+from tasks.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PPOTrainer,
+    PPOTrainingError,
+    ValueHead,
+    build_policy,
+    compute_gae,
+    explained_variance,
+    kl_penalty,
+    load_value_head,
+    masked_mean,
+    masked_var,
+    per_token_rewards,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on two shared cores a busy
+    # neighbour process makes torch's spinning OpenMP threads ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor functions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_masked_mean_and_var_ignore_masked_positions():
+    values = torch.tensor([[1.0, 2.0, 99.0], [6.0, 99.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    # valid values 1, 2, 6: mean 3, squared deviations 4 + 1 + 9 = 14
+    assert masked_mean(values, mask).item() == pytest.approx(3.0)
+    assert masked_mean(values, mask, dim=1).tolist() == pytest.approx([1.5, 6.0])
+    assert masked_var(values, mask, unbiased=False).item() == pytest.approx(14 / 3)
+    assert masked_var(values, mask).item() == pytest.approx(7.0)  # 14 / (3 - 1)
+    with pytest.raises(ValueError, match="at least 2"):
+        masked_var(values, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_whiten_by_hand():
+    values = torch.tensor([[1.0, 2.0, 6.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    # mean 3, unbiased variance 7: (v - 3) / sqrt(7), masked position set to 0
+    expected = [-2 / math.sqrt(7), -1 / math.sqrt(7), 3 / math.sqrt(7), 0.0]
+    assert whiten(values, mask)[0].tolist() == pytest.approx(expected, abs=1e-6)
+    kept_mean = [e + 3 for e in expected[:3]] + [0.0]
+    assert whiten(values, mask, shift_mean=False)[0].tolist() == pytest.approx(kept_mean, abs=1e-6)
+
+
+def test_compute_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 99.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [1.0, 1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, returns = compute_gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # Row 0, scanning backwards, value past the end = 0:
+    #   t=2: delta = 1 + 0   - 0.7 = 0.3  A2 = 0.3
+    #   t=1: delta = 0 + 0.7 - 0.6 = 0.1  A1 = 0.1 + 0.95 * 0.3   = 0.385
+    #   t=0: delta = 0 + 0.6 - 0.5 = 0.1  A0 = 0.1 + 0.95 * 0.385 = 0.46575
+    #   returns = A + V = 0.96575, 0.985, 1.0
+    # Row 1 ends after t=1, so the 5.0 value and 99 reward are never seen:
+    #   t=1: delta = 2 + 0 - 1 = 1        A1 = 1
+    #   t=0: delta = 0 + 1 - 1 = 0        A0 = 0 + 0.95 * 1 = 0.95
+    #   returns = 1.95, 2.0, 0
+    assert advantages[0].tolist() == pytest.approx([0.46575, 0.385, 0.3])
+    assert returns[0].tolist() == pytest.approx([0.96575, 0.985, 1.0])
+    assert advantages[1].tolist() == pytest.approx([0.95, 1.0, 0.0])
+    assert returns[1].tolist() == pytest.approx([1.95, 2.0, 0.0])
+
+
+def test_compute_gae_discounts_with_gamma():
+    # gamma = 0.5, lam = 1: A_t is the discounted return minus V_t.
+    rewards, values, mask = torch.tensor([[0.0, 4.0]]), torch.zeros(1, 2), torch.ones(1, 2)
+    advantages, returns = compute_gae(rewards, values, mask, gamma=0.5, lam=1.0)
+    assert advantages[0].tolist() == pytest.approx([2.0, 4.0])  # 0 + 0.5 * 4, 4
+    assert returns[0].tolist() == pytest.approx([2.0, 4.0])
+
+
+def test_kl_penalty_estimators():
+    logprobs, ref_logprobs = torch.log(torch.tensor([0.5, 0.25])), torch.log(torch.tensor([0.25, 0.5]))
+    ln2 = math.log(2)
+    assert kl_penalty(logprobs, ref_logprobs, "k1").tolist() == pytest.approx([ln2, -ln2])
+    assert kl_penalty(logprobs, ref_logprobs, "abs").tolist() == pytest.approx([ln2, ln2])
+    assert kl_penalty(logprobs, ref_logprobs, "mse").tolist() == pytest.approx([0.5 * ln2**2] * 2)
+    # k3 = (q/p - 1) - log(q/p): q/p = 0.5 -> -0.5 + ln2; q/p = 2 -> 1 - ln2
+    assert kl_penalty(logprobs, ref_logprobs, "k3").tolist() == pytest.approx([ln2 - 0.5, 1 - ln2])
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_penalty(logprobs, ref_logprobs, "full")
+
+
+def test_policy_loss_clipping_by_hand():
+    # ratios 1.5, 0.5, 0.5 on valid tokens (and 3.0 on a masked one), cliprange 0.2
+    ratio = torch.tensor([[1.5, 0.5, 0.5, 3.0]])
+    logprobs = torch.log(ratio).requires_grad_()
+    old_logprobs = torch.zeros(1, 4)
+    advantages = torch.tensor([[1.0, 1.0, -2.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    pg_loss, clipfrac, approx_kl = policy_loss(logprobs, old_logprobs, advantages, mask, cliprange=0.2)
+    # token 0: A=+1, r=1.5: pg_loss1 = -1.5, pg_loss2 = -1.2 -> max -1.2 (clipped)
+    # token 1: A=+1, r=0.5: pg_loss1 = -0.5, pg_loss2 = -0.8 -> max -0.5 (not clipped)
+    # token 2: A=-2, r=0.5: pg_loss1 =  1.0, pg_loss2 =  1.6 -> max  1.6 (clipped)
+    # pg_loss = (-1.2 - 0.5 + 1.6) / 3 = -0.1 / 3; clipfrac = 2/3
+    assert pg_loss.item() == pytest.approx(-0.1 / 3)
+    assert clipfrac.item() == pytest.approx(2 / 3)
+    # approx_kl = mean 0.5 * logratio^2 = 0.5 * (ln1.5^2 + 2 ln0.5^2) / 3
+    assert approx_kl.item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2) / 3)
+    # Only the unclipped token moves the policy: d/dlogp (-A r) / 3 = -0.5 / 3 on token 1.
+    pg_loss.backward()
+    assert logprobs.grad[0].tolist() == pytest.approx([0.0, -0.5 / 3, 0.0, 0.0])
+
+
+def test_value_loss_clipping_by_hand():
+    old_values = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    values = torch.tensor([[1.0, 0.1, 0.5, 50.0]])
+    returns = torch.tensor([[1.0, 1.0, -1.0, -50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    vf_loss, vf_clipfrac = value_loss(values, old_values, returns, mask, cliprange_value=0.2)
+    # token 0: V=1.0 clipped to 0.2: (1-1)^2 = 0,       (0.2-1)^2 = 0.64 -> 0.64 (clipped term wins)
+    # token 1: V=0.1 inside the range:  (0.1-1)^2 = 0.81 both            -> 0.81
+    # token 2: V=0.5 clipped to 0.2: (0.5+1)^2 = 2.25,  (0.2+1)^2 = 1.44 -> 2.25
+    # vf_loss = 0.5 * (0.64 + 0.81 + 2.25) / 3; vf_clipfrac = 1/3
+    assert vf_loss.item() == pytest.approx(0.5 * 3.7 / 3)
+    assert vf_clipfrac.item() == pytest.approx(1 / 3)
+
+
+def test_per_token_rewards_put_the_score_on_the_last_valid_token():
+    logprobs = torch.full((2, 4), -1.0)
+    ref_logprobs = torch.full((2, 4), -1.5)  # KL per token 0.5
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # row 0 ends early
+    scores = torch.tensor([2.0, -1.0])
+    rewards, non_score_reward = per_token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=0.1)
+    # -0.1 * 0.5 = -0.05 on each valid token, the score added on the last valid one
+    assert rewards[0].tolist() == pytest.approx([-0.05, 1.95, 0.0, 0.0])
+    assert rewards[1].tolist() == pytest.approx([-0.05, -0.05, -0.05, -1.05])
+    assert non_score_reward[0].tolist() == pytest.approx([-0.05, -0.05, 0.0, 0.0])
+    with pytest.raises(ValueError, match="at least one valid token"):
+        per_token_rewards(scores, logprobs, ref_logprobs, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]), 0.1)
+
+
+def test_explained_variance():
+    returns, mask = torch.tensor([[1.0, 2.0, 3.0, 99.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert explained_variance(returns.clone(), returns, mask) == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 7.0), returns, mask) == pytest.approx(0.0)
+    assert math.isnan(explained_variance(returns, torch.ones_like(returns), mask))
+
+
+def test_adaptive_kl_controller_moves_towards_target():
+    ctl = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10_000)
+    ctl.update(current_kl=12.0, n_steps=16)  # error 12/6 - 1 = 1 clipped to 0.2: 0.2 * (1 + 0.2 * 16 / 10000)
+    assert ctl.value == pytest.approx(0.200064)
+    ctl.update(current_kl=5.4, n_steps=100)  # error -0.1: * (1 - 0.1 * 100 / 10000) = * 0.999
+    assert ctl.value == pytest.approx(0.200064 * 0.999)
+    before = ctl.value
+    ctl.update(current_kl=0.0, n_steps=10_000)  # error -1 clipped to -0.2: * 0.8
+    assert ctl.value == pytest.approx(before * 0.8)
+
+    restored = AdaptiveKLController(1.0, 1.0, 1)
+    restored.load_state_dict(ctl.state_dict())
+    assert (restored.value, restored.target, restored.horizon) == (ctl.value, 6.0, 10_000)
+    with pytest.raises(ValueError):
+        restored.load_state_dict(FixedKLController(0.1).state_dict())
+
+
+def test_fixed_kl_controller_keeps_its_value():
+    ctl = FixedKLController(0.05)
+    ctl.update(current_kl=100.0, n_steps=1000)
+    assert ctl.value == 0.05
+    other = FixedKLController(1.0)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == 0.05
+
+
+def test_value_head_init():
+    hidden = torch.randn(2, 5, 32)
+    assert ValueHead(32)(hidden).shape == (2, 5)
+    assert torch.count_nonzero(ValueHead(32)(hidden)) == 0  # zero init: every value starts at 0
+    torch.manual_seed(0)
+    head = ValueHead(32, init_std=0.5)
+    assert 0.3 < head.summary.weight.std().item() < 0.7
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer on a tiny T5
+# ---------------------------------------------------------------------------------------------
+
+WORDS = ["insult"] + [f"w{i}" for i in range(1, 61)]
+VOCAB = {"<pad>": 0, "</s>": 1, "<unk>": 2} | {word: i + 3 for i, word in enumerate(WORDS)}
+INSULT_ID = VOCAB["insult"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_t5_config() -> T5Config:
+    return T5Config(
+        vocab_size=len(VOCAB),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def insulting_t5_state() -> dict[str, torch.Tensor]:
+    """Weights of a tiny T5 taught to emit "insult" in ~40% of its tokens (about 0.5 s)."""
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(tiny_t5_config())
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(60):
+        source = torch.randint(3, len(VOCAB), (32, 6), generator=generator)
+        target = torch.randint(3, len(VOCAB), (32, 8), generator=generator)
+        target[torch.rand(32, 8, generator=generator) < 0.4] = INSULT_ID
+        target[:, -1] = 1
+        loss = model(input_ids=source, labels=target).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    tokenizer = tiny_tokenizer()
+    generator = torch.Generator().manual_seed(1)
+    return [
+        tokenizer(
+            " ".join(WORDS[j] for j in torch.randint(1, len(WORDS), (6,), generator=generator).tolist())
+        ).input_ids
+        for _ in range(32)
+    ]
+
+
+def insult_share(text: str) -> float:
+    words = text.split()
+    return sum(word == "insult" for word in words) / len(words) if words else 1.0
+
+
+def avoid_insults(texts: list[str]) -> torch.Tensor:
+    """Reward: minus the share of words that are "insult" (an empty summary counts as all insult)."""
+    return torch.tensor([-insult_share(text) for text in texts])
+
+
+def make_trainer(state: dict[str, torch.Tensor], reward_fn=avoid_insults, **ppo_overrides) -> PPOTrainer:
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(tiny_t5_config())
+    model.load_state_dict(state)
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM, r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q", "v"]
+    )
+    policy = get_peft_model(model, lora)
+    settings = {
+        "learning_rate": 1e-2,
+        "batch_size": 16,
+        "mini_batch_size": 8,
+        "ppo_epochs": 2,
+        "init_kl_coef": 0.05,
+        "target_kl": 4.0,
+        "kl_ceiling": 40.0,
+    }
+    ppo = PPOSettings(**(settings | ppo_overrides))
+    generation = GenerationSettings(min_new_tokens=6, max_new_tokens=10)
+    return PPOTrainer(policy, ValueHead(32), tiny_tokenizer(), reward_fn, ppo, generation, "cpu")
+
+
+def test_reference_equals_policy_before_any_update(insulting_t5_state, prompts):
+    trainer = make_trainer(insulting_t5_state)
+    rollout = trainer.rollout(prompts[:16])
+    mask = rollout.response_mask.bool()
+    # A fresh LoRA adapter has B = 0, so disabling it changes nothing: KL is 0 at step 0.
+    torch.testing.assert_close(rollout.logprobs[mask], rollout.ref_logprobs[mask])
+    assert torch.count_nonzero(rollout.values) == 0
+    metrics = trainer.step(prompts[:16])
+    assert abs(metrics["kl"]) < 1e-5
+    assert metrics["kl_coef"] == pytest.approx(0.05)
+
+
+def test_rollout_is_one_batched_generate_with_masks_up_to_eos(insulting_t5_state, prompts):
+    reward_batches: list[list[str]] = []
+
+    def recording_reward(texts: list[str]) -> torch.Tensor:
+        reward_batches.append(texts)
+        return avoid_insults(texts)
+
+    trainer = make_trainer(insulting_t5_state, reward_fn=recording_reward)
+    # A checkpoint's generation_config.json must not leak processors into PPO's sampling.
+    trainer.policy.get_base_model().generation_config.no_repeat_ngram_size = 1
+    trainer.policy.get_base_model().generation_config.repetition_penalty = 3.0
+    trainer.generation.temperature = 0.7
+    real_generate, calls = trainer.policy.generate, []
+
+    def spy_generate(**kwargs):
+        out = real_generate(**kwargs, output_scores=True, return_dict_in_generate=True)
+        calls.append((kwargs["input_ids"].shape[0], torch.stack(out.scores, dim=1)))
+        return out.sequences
+
+    trainer.policy.generate = spy_generate
+    rollout = trainer.rollout(prompts[:16])
+
+    assert len(calls) == 1 and calls[0][0] == 16  # one generate call for the batch
+    assert len(reward_batches) == 1 and reward_batches[0] == rollout.texts  # one reward call
+    budget = rollout.length_budget
+    assert budget.min() >= 6 and budget.max() <= 10
+    ids, mask = rollout.response_ids, rollout.response_mask
+    lengths = mask.sum(dim=1).long()
+    assert torch.equal(mask, (torch.arange(ids.shape[1]) < lengths[:, None]).float())  # a prefix
+    assert bool((lengths <= budget).all())
+    for row in range(16):
+        length = int(lengths[row])
+        assert (ids[row, : length - 1] != 1).all()  # no EOS before the end of the mask
+        if length < budget[row]:  # ended early: only an EOS can do that
+            assert ids[row, length - 1] == 1
+        assert (ids[row, length:] == 0).all()  # nothing after the end
+        assert rollout.texts[row] == trainer.tokenizer.decode(ids[row, :length], skip_special_tokens=True)
+    assert any(lengths < budget), "the tiny model should end some responses with EOS"
+
+    # PPO's log-probs are those of the distribution generate() sampled from.
+    sampled_logprobs = torch.log_softmax(calls[0][1], dim=-1)[:, : ids.shape[1]]
+    sampled_logprobs = sampled_logprobs.gather(2, ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(
+        sampled_logprobs[mask.bool()], rollout.logprobs[mask.bool()], atol=1e-4, rtol=1e-4
+    )
+
+
+def test_training_makes_the_policy_stop_insulting(insulting_t5_state, prompts):
+    trainer = make_trainer(insulting_t5_state)
+
+    def insult_rate() -> float:
+        rollouts = [trainer.rollout(prompts[i : i + 16]) for i in (0, 16)]
+        insults = sum(((r.response_ids == INSULT_ID) * r.response_mask).sum().item() for r in rollouts)
+        return insults / sum(r.response_mask.sum().item() for r in rollouts)
+
+    torch.manual_seed(123)
+    rate_before = insult_rate()
+    seen: list[int] = []
+    history = trainer.train(prompts, steps=30, on_step=lambda step, metrics: seen.append(step))
+    torch.manual_seed(123)
+    rate_after = insult_rate()
+
+    assert seen == list(range(30))
+    assert set(history[0]) >= {
+        "reward_mean",
+        "reward_std",
+        "kl",
+        "kl_coef",
+        "entropy",
+        "policy_loss",
+        "value_loss",
+        "clipfrac",
+        "approx_kl",
+        "returns_mean",
+        "advantages_mean",
+        "explained_variance",
+        "response_length",
+        "tokens_per_second",
+        "non_score_reward",
+    }
+    reward_start = sum(m["reward_mean"] for m in history[:3]) / 3
+    reward_end = sum(m["reward_mean"] for m in history[-5:]) / 5
+    assert rate_before > 0.3
+    assert rate_after < rate_before / 2
+    assert reward_end > reward_start + 0.15
+    assert max(m["kl"] for m in history) < trainer.ppo.kl_ceiling
+    assert all(math.isfinite(m["policy_loss"]) and math.isfinite(m["value_loss"]) for m in history)
+
+
+def test_nan_rewards_raise(insulting_t5_state, prompts):
+    trainer = make_trainer(insulting_t5_state, reward_fn=lambda texts: torch.full((len(texts),), math.nan))
+    with pytest.raises(PPOTrainingError, match="non-finite rewards"):
+        trainer.train(prompts, steps=1)
+
+
+def test_reward_of_the_wrong_shape_raises(insulting_t5_state, prompts):
+    trainer = make_trainer(insulting_t5_state, reward_fn=lambda texts: torch.zeros(len(texts), 2))
+    with pytest.raises(PPOTrainingError, match="shape"):
+        trainer.step(prompts[:16])
+
+
+def test_kl_past_the_ceiling_raises(insulting_t5_state, prompts):
+    trainer = make_trainer(insulting_t5_state, kl_ceiling=1e-3)
+    with pytest.raises(PPOTrainingError, match="kl_ceiling"):
+        trainer.train(prompts, steps=5)
+
+
+def test_a_policy_without_decoder_start_token_is_rejected():
+    config = tiny_t5_config()
+    del config.decoder_start_token_id  # transformers 5's T5Config() has none by default
+    policy = get_peft_model(
+        T5ForConditionalGeneration(config), LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, r=2)
+    )
+    with pytest.raises(ValueError, match="decoder_start_token_id"):
+        PPOTrainer(
+            policy, ValueHead(32), tiny_tokenizer(), avoid_insults, PPOSettings(), GenerationSettings(), "cpu"
+        )
+
+
+def test_empty_prompts_are_rejected(insulting_t5_state):
+    trainer = make_trainer(insulting_t5_state)
+    with pytest.raises(ValueError, match="no prompts"):
+        trainer.train([], steps=1)
+    with pytest.raises(ValueError, match="non-empty"):
+        trainer.rollout([[5, 1], []])
+
+
+def test_build_policy_merges_sft_and_the_reference_is_the_sft_model(tmp_path, insulting_t5_state, prompts):
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(tiny_t5_config())
+    base.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    sft_lora = LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM, r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False
+    )
+    sft = get_peft_model(base, sft_lora)  # random non-zero update: merging it must change the outputs
+    sft.save_pretrained(tmp_path / "sft")
+    inputs = {
+        "input_ids": torch.tensor([prompts[0]]),
+        "decoder_input_ids": torch.tensor([[0, 5, 9, 12]]),
+    }
+    sft.eval()
+    with torch.no_grad():
+        sft_logits = sft(**inputs).logits
+        with sft.disable_adapter():
+            base_logits = sft(**inputs).logits
+    assert not torch.allclose(sft_logits, base_logits)
+
+    lora = LoraSettings(r=8, alpha=16, dropout=0.0, target_modules=["q", "v"])
+    policy, tokenizer = build_policy(str(tmp_path / "base"), tmp_path / "sft", lora, "cpu")
+    assert isinstance(policy, PeftModel)
+    assert tokenizer.convert_tokens_to_ids("insult") == INSULT_ID
+    trainable = [name for name, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    # A (8x32) + B (32x8) on q and v of encoder self-, decoder self- and decoder cross-attention
+    assert sum(p.numel() for p in policy.parameters() if p.requires_grad) == 6 * (8 * 32 + 32 * 8)
+    policy.eval()
+    with torch.no_grad():
+        with policy.disable_adapter():
+            reference_logits = policy(**inputs).logits
+        policy_logits = policy(**inputs).logits
+    torch.testing.assert_close(reference_logits, sft_logits, atol=1e-5, rtol=1e-5)  # reference = SFT
+    torch.testing.assert_close(policy_logits, sft_logits, atol=1e-5, rtol=1e-5)  # fresh adapter: no change
+
+    # save() writes safetensors that load() and load_value_head() read back into a fresh policy.
+    def new_trainer(trained_policy: PeftModel, head: ValueHead) -> PPOTrainer:
+        settings = PPOSettings(batch_size=4)
+        generation = GenerationSettings(min_new_tokens=2, max_new_tokens=4)
+        return PPOTrainer(trained_policy, head, tokenizer, avoid_insults, settings, generation, "cpu")
+
+    trainer = new_trainer(policy, ValueHead(32, init_std=0.1))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.05)  # as if trained
+        trained_logits = policy(**inputs).logits
+    assert not torch.allclose(trained_logits, sft_logits)
+    trainer.kl_ctl.value, trainer.steps_done = 0.123, 7
+    trainer.save(tmp_path / "ppo")
+    assert (tmp_path / "ppo" / "adapter" / "adapter_model.safetensors").exists()
+    head = load_value_head(tmp_path / "ppo" / "value_head.safetensors")
+    torch.testing.assert_close(head.summary.weight, trainer.value_head.summary.weight)
+
+    fresh_policy, _ = build_policy(str(tmp_path / "base"), tmp_path / "sft", lora, "cpu")
+    fresh = new_trainer(fresh_policy, ValueHead(32))
+    fresh.load(tmp_path / "ppo")
+    assert (fresh.kl_ctl.value, fresh.steps_done) == (pytest.approx(0.123), 7)
+    torch.testing.assert_close(fresh.value_head.summary.weight, trainer.value_head.summary.weight)
+    fresh_policy.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh_policy(**inputs).logits, trained_logits)
