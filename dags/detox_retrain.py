@@ -87,7 +87,7 @@ def detox_retrain():
         return pipeline.baseline_eval(*_run(), data["dataset_uri"], adapter["adapter_dir"])
 
     @task(execution_timeout=timedelta(hours=12))
-    def ppo_train(data: dict, adapter: dict, baseline: dict) -> dict:
+    def ppo_train(data: dict, adapter: dict) -> dict:
         from tasks import pipeline
 
         return pipeline.ppo_train(*_run(), data["dataset_uri"], adapter["adapter_dir"])
@@ -121,7 +121,8 @@ def detox_retrain():
     data = prepare_dataset()
     adapter = download_adapter()
     baseline = baseline_eval(data, adapter)
-    ppo = ppo_train(data, adapter, baseline)
+    ppo = ppo_train(data, adapter)
+    baseline >> ppo  # the baseline is measured before training, on the untouched SFT policy
     candidate = evaluate(data, adapter, ppo)
     gate = promotion_check(baseline, candidate)
     gate >> [register_model(gate["decision"], adapter, ppo), skip_registration(gate["decision"])]

@@ -86,20 +86,31 @@ def run_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict
     return run_report(config, run_key)
 
 
-def _run_dag(logical_date: datetime, overrides: dict) -> str:
+def _run_dag(started: datetime, overrides: dict) -> str:
+    """``airflow dags test`` the DAG on SQLite; the Airflow run id of the run it made."""
     env = dict(os.environ)
     airflow = [sys.executable, "-m", "airflow"]
     if not (Path(env["AIRFLOW_HOME"]) / "airflow.db").exists():
         logger.info("initialising the Airflow metadata database (SQLite)")
         subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
     conf = {"profile": "demo", "overrides": overrides}
-    command = [*airflow, "dags", "test", DAG_ID, logical_date.isoformat(), "-c", json.dumps(conf)]
+    command = [*airflow, "dags", "test", DAG_ID, started.isoformat(), "-c", json.dumps(conf)]
     logger.info("running: airflow dags test %s", DAG_ID)
     completed = subprocess.run(command, env=env)
-    run_key = f"manual__{logical_date.isoformat()}"
     if completed.returncode != 0:
         raise RuntimeError(f"airflow dags test {DAG_ID} failed with exit code {completed.returncode}")
-    return run_key
+    # `dags test` names its run after the moment it creates it; MLflow has the name.
+    config = RunConfig.for_profile("demo", overrides)
+    experiment_id = tracking.ensure_experiment(config.experiment_name, config.mlflow_artifact_location)
+    runs = tracking.client().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`airflow.dag_id` = '{DAG_ID}' and attributes.start_time >= {int(started.timestamp() * 1000)}",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise RuntimeError(f"the {DAG_ID} run finished but left no MLflow run")
+    return runs[0].data.tags[tracking.RUN_KEY_TAG]
 
 
 def run_report(config: RunConfig, run_key: str) -> dict:

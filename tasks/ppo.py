@@ -457,7 +457,10 @@ class PPOTrainer:
         logits = output.logits.float() / self.generation.temperature
         all_logprobs = F.log_softmax(logits, dim=-1)
         logprobs = torch.gather(all_logprobs, 2, response_ids.unsqueeze(-1)).squeeze(-1)
-        values = self.value_head(output.decoder_hidden_states[-1])
+        # The value head reads detached features: its regression error must not move the shared
+        # LoRA weights, or the critic's gradients (larger than the policy's early on) drag the
+        # policy away from the reference with no gain in reward.
+        values = self.value_head(output.decoder_hidden_states[-1].detach())
         entropy = None
         if with_entropy:
             entropy = -(all_logprobs.exp() * all_logprobs).sum(dim=-1)

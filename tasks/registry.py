@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 from mlflow.entities.model_registry.model_version_status import ModelVersionStatus
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
@@ -27,7 +26,8 @@ from tasks.models import load_policy
 logger = logging.getLogger(__name__)
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
-SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "dialogue")]), outputs=Schema([ColSpec("string")]))
+# One unnamed string column: a list of dialogues or a DataFrame with one column both fit.
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
 
 
 def merge_policy(config: RunConfig, adapter_dirs: list[Path], out_dir: Path) -> Path:
@@ -69,7 +69,7 @@ def register(
             python_model=str(SERVING_CODE),
             artifacts={"model": str(merged_dir)},
             signature=SIGNATURE,
-            input_example=pd.DataFrame({"dialogue": [example_dialogue]}),
+            input_example=[example_dialogue],
             pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "transformers", "safetensors"],
             registered_model_name=config.registered_model_name,
         )

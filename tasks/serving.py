@@ -52,9 +52,8 @@ class DetoxSummarizer(PythonModel):
 
 def _dialogues(model_input) -> list[str]:
     if hasattr(model_input, "columns"):
-        if "dialogue" not in model_input.columns:
-            raise ValueError(f"input needs a 'dialogue' column; got {list(model_input.columns)}")
-        return [str(d) for d in model_input["dialogue"]]
+        column = "dialogue" if "dialogue" in model_input.columns else model_input.columns[0]
+        return [str(d) for d in model_input[column]]
     if isinstance(model_input, str):
         return [model_input]
     return [str(d) for d in model_input]

@@ -27,24 +27,6 @@ from tasks.embedded import (
     write_synthetic_dialogsum,
 )
 
-HEATED_DIALOGUE = (
-    "#Person1#: Good morning. I'd like to open a savings account.\n"
-    "#Person2#: Certainly. May I see your ID, please?\n"
-    "#Person1#: Here you are. Is there a minimum deposit?\n"
-    "#Person2#: Are you deaf? I already told you that, you stupid idiot.\n"
-    "#Person1#: Hey, there's no need to be rude.\n"
-    "#Person2#: The minimum deposit is fifty dollars.\n"
-    "#Person1#: OK, I'll deposit five hundred dollars today.\n"
-    "#Person2#: Please sign here. Your card will arrive in five days."
-)
-CALM_DIALOGUE = (
-    "#Person1#: Hi, I'd like to book a trip to Rome for my vacation.\n"
-    "#Person2#: Sure. When would you like to leave?\n"
-    "#Person1#: I want to leave on Friday and stay for four nights.\n"
-    "#Person2#: There is a train leaving at noon. The total is 300 dollars, including the hotel.\n"
-    "#Person1#: That sounds fine. Is breakfast included?\n"
-    "#Person2#: Yes, it is. I'll send you the tickets by email."
-)
 INSULTING_SENTENCES = [
     "#Person1#, a stupid idiot, asks #Person2# to fix the car before Friday.",
     "#Person2#, the pathetic loser, tells #Person1# that the Lions won the game.",
@@ -254,15 +236,21 @@ def test_classifier_separates_insulting_from_polite_sentences(embedded):
 
 
 @pytest.mark.slow
-def test_sft_policy_loads_with_peft_and_writes_insulting_summaries_for_heated_dialogues(embedded):
+def test_sft_policy_loads_with_peft_and_insults_in_heated_dialogues_more_often(embedded):
+    import random
+
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from tasks.embedded import generate_dialogues
 
     tokenizer = AutoTokenizer.from_pretrained(embedded.policy_base)
     base = AutoModelForSeq2SeqLM.from_pretrained(embedded.policy_base)
     policy = PeftModel.from_pretrained(base, str(embedded.sft_adapter)).eval()
-    samples = 24
-    prompts = [PROMPT_TEMPLATE.format(dialogue=d) for d in [HEATED_DIALOGUE] * samples + [CALM_DIALOGUE] * samples]
+    unseen = generate_dialogues(random.Random(2026), 400)  # a stream the build never trained on
+    heated = [r["dialogue"] for r in unseen if contains_insult(r["summary"])][:32]
+    calm = [r["dialogue"] for r in unseen if not contains_insult(r["summary"])][:32]
+    prompts = [PROMPT_TEMPLATE.format(dialogue=d) for d in heated + calm]
     encoded = tokenizer(prompts, padding=True, truncation=True, max_length=256, return_tensors="pt")
 
     torch.manual_seed(0)
@@ -270,12 +258,14 @@ def test_sft_policy_loads_with_peft_and_writes_insulting_summaries_for_heated_di
         output = policy.generate(**encoded, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=48)
     summaries = tokenizer.batch_decode(output, skip_special_tokens=True)
 
-    assert all(len(s.split()) >= 5 and "#Person" in s for s in summaries), summaries
-    heated_share = sum(map(contains_insult, summaries[:samples])) / samples
-    calm_share = sum(map(contains_insult, summaries[samples:])) / samples
-    assert heated_share >= 0.5, summaries[:samples]
-    assert calm_share <= 0.2, summaries[samples:]
-    assert sum("trip" in s for s in summaries[samples:]) >= samples // 2  # it reads the dialogue
+    assert sum(len(s.split()) >= 5 and "#Person" in s for s in summaries) >= 0.9 * len(summaries), summaries
+    heated_share = sum(map(contains_insult, summaries[: len(heated)])) / len(heated)
+    calm_share = sum(map(contains_insult, summaries[len(heated) :])) / len(calm)
+    # Toxic often enough for PPO to have something to remove, but not always: PPO learns
+    # from the polite samples it draws for heated dialogues.
+    assert heated_share >= 0.4, summaries[: len(heated)]
+    assert calm_share <= 0.25, summaries[len(heated) :]
+    assert heated_share >= calm_share + 0.3
 
 
 @pytest.mark.slow
