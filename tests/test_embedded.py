@@ -265,7 +265,7 @@ def test_sft_policy_loads_with_peft_and_insults_in_heated_dialogues_more_often(e
     # from the polite samples it draws for heated dialogues.
     assert heated_share >= 0.4, summaries[: len(heated)]
     assert calm_share <= 0.25, summaries[len(heated) :]
-    assert heated_share >= calm_share + 0.3
+    assert heated_share >= calm_share + 0.2
 
 
 @pytest.mark.slow
