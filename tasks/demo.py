@@ -102,9 +102,10 @@ def _run_dag(started: datetime, overrides: dict) -> str:
     # `dags test` names its run after the moment it creates it; MLflow has the name.
     config = RunConfig.for_profile("demo", overrides)
     experiment_id = tracking.ensure_experiment(config.experiment_name, config.mlflow_artifact_location)
+    started_ms = int(started.timestamp() * 1000)
     runs = tracking.client().search_runs(
         [experiment_id],
-        filter_string=f"tags.`airflow.dag_id` = '{DAG_ID}' and attributes.start_time >= {int(started.timestamp() * 1000)}",
+        filter_string=f"tags.`airflow.dag_id` = '{DAG_ID}' and attributes.start_time >= {started_ms}",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
