@@ -23,6 +23,7 @@ import pandas as pd
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from tasks.config import DataConfig
+from tasks.fsutil import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def prepare_dataset(config: DataConfig, tokenizer, out_dir: Path, cache_dir: Pat
             skipped=dict(skipped),
         )
         (staging / "prepared.json").write_text(json.dumps(prepared.to_dict(), indent=2))
-        _replace_dir(staging, out_dir)
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -194,13 +195,3 @@ def load_prepared(path: str | Path) -> tuple[DatasetDict, PreparedDataset]:
     return load_from_disk(str(root / "splits")), PreparedDataset(**json.loads(record.read_text()))
 
 
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target``, replacing an older ``target`` only once the new one is complete."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    staging.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

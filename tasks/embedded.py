@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import PROMPT_TEMPLATE, detox_home
+from tasks.fsutil import replace_dir
 
 if TYPE_CHECKING:
     import torch
@@ -132,7 +133,7 @@ def build_embedded_default(home: Path | None = None, seed: int = 0, force: bool 
         staging = Path(tempfile.mkdtemp(prefix=".embedded-build-", dir=paths.root.parent))
         try:
             _build_into(staging, final=paths, seed=seed)
-            _replace_dir(staging, paths.root)
+            replace_dir(staging, paths.root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return paths
@@ -269,17 +270,6 @@ def _read_manifest(paths: EmbeddedPaths) -> dict[str, Any] | None:
     required = (paths.dataset_csv, paths.policy_base / "config.json", paths.sft_adapter / "adapter_config.json",
                 paths.reward_model / "config.json")
     return manifest if all(p.exists() for p in required) else None
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an old ``target`` is moved aside first and then deleted."""
-    if target.exists():
-        retired = Path(tempfile.mkdtemp(prefix=".embedded-old-", dir=target.parent))
-        os.replace(target, retired / "embedded")
-        os.replace(new, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(new, target)
 
 
 # --------------------------------------------------------------------------- tokenizers

@@ -21,6 +21,7 @@ from mlflow.types import ColSpec, Schema
 
 from tasks import tracking
 from tasks.config import RunConfig
+from tasks.fsutil import replace_dir
 from tasks.models import load_policy
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,7 @@ def merge_policy(config: RunConfig, adapter_dirs: list[Path], out_dir: Path) -> 
             "batch_size": config.eval.batch_size,
         }
         (staging / "detox_serving.json").write_text(json.dumps(serving, indent=2))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        staging.rename(out_dir)
+        replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

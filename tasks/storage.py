@@ -27,6 +27,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, FlexibleChecksumError
 
+from tasks.fsutil import replace_dir
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "MANIFEST.sha256.json"
@@ -292,25 +294,6 @@ def same_base_model(expected: str, actual: str) -> bool:
     return PurePosixPath(expected.rstrip("/")).name == PurePosixPath(actual.rstrip("/")).name
 
 
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move ``new`` to ``dest``; an existing ``dest`` is moved aside first and deleted after."""
-    if not dest.exists() and not dest.is_symlink():
-        os.replace(new, dest)
-        return
-    old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
-    old.rmdir()  # only the unique name is wanted
-    os.replace(dest, old)
-    try:
-        os.replace(new, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
-
-
 def download_adapter(
     uri: str,
     dest: Path,
@@ -400,7 +383,7 @@ def download_adapter(
             target_modules = [target_modules]
         rank = config.get("r")
 
-        _replace_dir(staging, dest)
+        replace_dir(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
