@@ -392,9 +392,6 @@ class PPOTrainer:
         self.generation = generation
 
         self.tokens = special_tokens(policy, tokenizer)
-        self.decoder_start_token_id = self.tokens.decoder_start
-        self.eos_token_id = self.tokens.eos
-        self.pad_token_id = self.tokens.pad
 
         adapter_params = [p for p in policy.parameters() if p.requires_grad]
         if not adapter_params:
@@ -418,7 +415,7 @@ class PPOTrainer:
         width = max(len(ids) for ids in prompt_input_ids)
         # T5's encoder is bidirectional with relative positions: right padding plus the
         # attention mask is exact; the decoder always starts at position 0.
-        prompt_ids = torch.full((len(prompt_input_ids), width), self.pad_token_id, dtype=torch.long)
+        prompt_ids = torch.full((len(prompt_input_ids), width), self.tokens.pad, dtype=torch.long)
         prompt_mask = torch.zeros((len(prompt_input_ids), width), dtype=torch.long)
         for row, ids in enumerate(prompt_input_ids):
             prompt_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -428,7 +425,7 @@ class PPOTrainer:
     def _response_mask(self, response_ids: torch.Tensor, length_budget: torch.Tensor) -> torch.Tensor:
         """1 on tokens up to and including the first EOS, and within each sample's length budget."""
         positions = torch.arange(response_ids.shape[1], device=response_ids.device)
-        is_eos = response_ids == self.eos_token_id
+        is_eos = response_ids == self.tokens.eos
         first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), response_ids.shape[1])
         length = torch.minimum(first_eos + 1, length_budget.to(response_ids.device))
         return (positions[None, :] < length[:, None]).float()
@@ -445,7 +442,7 @@ class PPOTrainer:
         The decoder is causal, so the padding after a response's end cannot change the
         positions before it; the losses mask those positions out.
         """
-        start = torch.full_like(response_ids[:, :1], self.decoder_start_token_id)
+        start = torch.full_like(response_ids[:, :1], self.tokens.decoder_start)
         decoder_input_ids = torch.cat([start, response_ids[:, :-1]], dim=1)
         output = self.policy(
             input_ids=prompt_ids,
@@ -487,7 +484,7 @@ class PPOTrainer:
             )
         response_ids = sequences[:, 1:]  # drop the decoder start token
         response_mask = self._response_mask(response_ids, length_budget)
-        response_ids = response_ids.masked_fill(response_mask == 0, self.pad_token_id)
+        response_ids = response_ids.masked_fill(response_mask == 0, self.tokens.pad)
         texts = self.tokenizer.batch_decode(response_ids.tolist(), skip_special_tokens=True)
 
         scores = self.reward_fn(texts)
