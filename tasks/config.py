@@ -61,7 +61,18 @@ class ModelConfig(_Section):
 
     policy_name: str = Field(
         "marianna13/flan-t5-base-summarization",
-        description="Base policy: Hub name or local folder (seq2seq, T5 family).",
+        description="Base policy: Hub name or local folder (seq2seq such as FLAN-T5, or causal such as TinyLlama).",
+    )
+    policy_family: Literal["auto", "seq2seq", "causal"] = Field(
+        "auto", description="Model family of the policy; 'auto' reads is_encoder_decoder from its config."
+    )
+    load_in_4bit: bool = Field(
+        False,
+        description="Load the base policy in 4-bit NF4 (QLoRA via bitsandbytes; CUDA only). The SFT adapter "
+        "then stays a frozen adapter instead of being merged.",
+    )
+    bnb_4bit_compute_dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="Compute dtype of the 4-bit layers."
     )
     sft_adapter_uri: str = Field(
         "s3://detox-adapters/flan-t5-base-dialogsum-sft",
@@ -83,7 +94,12 @@ class LoraSettings(_Section):
     r: int = Field(32, gt=0, description="Rank of the low-rank update.")
     alpha: int = Field(32, gt=0, description="Scaling numerator (update scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] = Field(["q", "v"], min_length=1, description="Module names that get adapters.")
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Module names that get adapters; None takes peft's default for the architecture "
+        "(T5: q, v; Llama: q_proj, v_proj).",
+    )
 
 
 class GenerationSettings(_Section):
@@ -108,6 +124,9 @@ class PPOSettings(_Section):
     learning_rate: float = Field(1.41e-5, gt=0, description="Adam learning rate for LoRA and value head.")
     batch_size: int = Field(16, gt=0, description="Prompts per rollout (one PPO step).")
     mini_batch_size: int = Field(4, gt=0, description="Samples per optimizer step within a PPO epoch.")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Micro-batches per mini-batch: each forward/backward sees mini_batch_size / this."
+    )
     ppo_epochs: int = Field(1, gt=0, description="Optimization passes over each rollout batch.")
     steps: int = Field(10, gt=0, description="Number of PPO steps (rollout + update).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
@@ -120,14 +139,23 @@ class PPOSettings(_Section):
     target_kl: float = Field(6.0, gt=0, description="KL (nats per sequence) the adaptive controller aims at.")
     kl_horizon: int = Field(10000, gt=0, description="Horizon of the adaptive KL controller.")
     kl_ceiling: float = Field(60.0, gt=0, description="Training stops as failed when mean KL exceeds this.")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtracted from the score of responses that end without EOS; None: no penalty."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     value_head_init_std: float = Field(0.0, ge=0, description="Std of the value head's initial weights.")
     seed: int = Field(0, description="Seed for sampling and initialisation.")
+    checkpoint_every: int = Field(
+        5, gt=0, description="Steps between checkpoints; a retried ppo_train resumes from the last one."
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="Most recent checkpoints kept on disk.")
 
     @model_validator(mode="after")
     def _check(self) -> PPOSettings:
         if self.batch_size % self.mini_batch_size:
             raise ValueError("batch_size must be a multiple of mini_batch_size")
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError("mini_batch_size must be a multiple of gradient_accumulation_steps")
         return self
 
 

@@ -20,7 +20,7 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from tasks.config import EvalSettings, GenerationSettings
-from tasks.models import RewardModel, sample, special_tokens
+from tasks.models import RewardModel, pad_prompts, sample, special_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +53,9 @@ def generate_summaries(
     summaries: list[str] = []
     starts = range(0, len(input_ids), settings.batch_size)
     for batch_index, start in enumerate(tqdm(starts, desc=desc, leave=False)):
-        batch = tokenizer.pad(
-            {"input_ids": input_ids[start : start + settings.batch_size]}, return_tensors="pt"
-        ).to(device)
+        prompt_ids, prompt_mask = pad_prompts(input_ids[start : start + settings.batch_size], tokens, device)
         torch.manual_seed(settings.seed + batch_index)
-        output = sample(
-            model, batch["input_ids"], batch["attention_mask"], generation, settings.max_new_tokens, tokens
-        )
+        output = sample(model, prompt_ids, prompt_mask, generation, settings.max_new_tokens, tokens)
         summaries.extend(text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True))
     return summaries
 

@@ -1,4 +1,4 @@
-"""Loading the policy and the reward classifier.
+"""Loading the policy (seq2seq or causal) and the reward classifier, and sampling from the policy.
 
 Models are read as safetensors only; ``trust_remote_code`` stays off unless the run
 config turns it on. A name is either a local folder or a Hugging Face Hub repository
@@ -8,13 +8,16 @@ config turns it on. A name is either a local folder or a Hugging Face Hub reposi
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -34,52 +37,148 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+PolicyFamily = Literal["seq2seq", "causal"]
+
+
+def policy_family(policy_name: str, requested: str = "auto", trust_remote_code: bool = False) -> PolicyFamily:
+    """``seq2seq`` (FLAN-T5: encoder-decoder) or ``causal`` (TinyLlama: decoder only)."""
+    if requested in ("seq2seq", "causal"):
+        return requested  # type: ignore[return-value]
+    if requested != "auto":
+        raise ValueError(f"unknown policy family {requested!r}: expected 'auto', 'seq2seq' or 'causal'")
+    config = AutoConfig.from_pretrained(policy_name, trust_remote_code=trust_remote_code)
+    return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
+
+
+def load_tokenizer(policy_name: str, family: PolicyFamily, trust_remote_code: bool = False):
+    """The policy's tokenizer; a causal one pads on the left (prompts end where responses begin)
+    and borrows EOS as its pad token when it has none (Llama)."""
+    tokenizer = AutoTokenizer.from_pretrained(policy_name, trust_remote_code=trust_remote_code)
+    if family == "causal":
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_policy(
+    policy_name: str,
+    family: PolicyFamily,
+    load_in_4bit: bool = False,
+    compute_dtype: str = "float16",
+    trust_remote_code: bool = False,
+):
+    """The base policy, in 4-bit NF4 (QLoRA, the third seed's setup) when ``load_in_4bit``."""
+    model_class = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModelForCausalLM
+    kwargs: dict = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if load_in_4bit:
+        if not torch.cuda.is_available():
+            raise RuntimeError("load_in_4bit needs a CUDA device (bitsandbytes 4-bit kernels); set it to false on CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+            bnb_4bit_use_double_quant=False,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return model_class.from_pretrained(policy_name, **kwargs)
+
+
 def load_policy(
     policy_name: str,
     adapter_dirs: list[Path] | tuple[Path, ...] = (),
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    family: str = "auto",
+    load_in_4bit: bool = False,
+    compute_dtype: str = "float16",
 ):
-    """Base seq2seq policy with each LoRA adapter merged in, in order, ready for inference."""
+    """Base policy with each LoRA adapter applied in order, ready for inference.
+
+    Adapters are merged into the weights, except on a 4-bit base, where they stay
+    separate adapters that are all active at once.
+    """
     from peft import PeftModel
 
-    tokenizer = AutoTokenizer.from_pretrained(policy_name, trust_remote_code=trust_remote_code)
-    model = AutoModelForSeq2SeqLM.from_pretrained(
-        policy_name, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
-    for adapter_dir in adapter_dirs:
-        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-        logger.info("merged adapter %s into %s", adapter_dir, policy_name)
-    model.to(device).eval()
+    resolved = policy_family(policy_name, family, trust_remote_code)
+    tokenizer = load_tokenizer(policy_name, resolved, trust_remote_code)
+    model = load_base_policy(policy_name, resolved, load_in_4bit, compute_dtype, trust_remote_code)
+    if load_in_4bit and adapter_dirs:
+        names = [f"adapter_{index}" for index in range(len(adapter_dirs))]
+        model = PeftModel.from_pretrained(model, str(adapter_dirs[0]), adapter_name=names[0])
+        for name, adapter_dir in zip(names[1:], adapter_dirs[1:], strict=True):
+            model.load_adapter(str(adapter_dir), adapter_name=name)
+        model.base_model.set_adapter(names, inference_mode=True)
+        logger.info("applied adapters %s to the 4-bit base %s", [str(d) for d in adapter_dirs], policy_name)
+    else:
+        for adapter_dir in adapter_dirs:
+            model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+            logger.info("merged adapter %s into %s", adapter_dir, policy_name)
+    if not load_in_4bit:
+        model.to(device)
+    model.eval()
     return model, tokenizer
 
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    decoder_start: int
+    decoder_start: int | None  # None for a causal policy: its responses continue the prompt
     eos: int
     pad: int
 
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.decoder_start is not None
+
 
 def special_tokens(model, tokenizer) -> SpecialTokens:
-    """Decoder start, EOS and pad ids of a seq2seq policy (T5: 0, 1, 0)."""
+    """Decoder start (seq2seq only), EOS and pad ids of a policy (T5: 0, 1, 0)."""
 
     def first_set(*candidates: int | None) -> int | None:
         return next((c for c in candidates if c is not None), None)
 
+    eos = first_set(tokenizer.eos_token_id, model.config.eos_token_id)
+    if isinstance(eos, list):
+        eos = eos[0]
+    pad = first_set(tokenizer.pad_token_id, model.config.pad_token_id, eos)
+    if not model.config.is_encoder_decoder:
+        if eos is None:
+            raise ValueError("the causal policy needs an eos_token_id")
+        return SpecialTokens(None, eos, pad)
     # transformers 5 keeps decoder_start_token_id out of T5Config's defaults: a checkpoint's
     # config.json or generation_config.json carries it.
     decoder_start = first_set(
         model.generation_config.decoder_start_token_id, getattr(model.config, "decoder_start_token_id", None)
     )
-    eos = first_set(tokenizer.eos_token_id, model.config.eos_token_id)
-    pad = first_set(tokenizer.pad_token_id, model.config.pad_token_id)
     if None in (decoder_start, eos, pad):
         raise ValueError(
             "the policy needs decoder_start_token_id, eos_token_id and pad_token_id (T5: 0, 1, 0); "
             f"got {decoder_start}, {eos}, {pad}"
         )
     return SpecialTokens(decoder_start, eos, pad)
+
+
+def pad_prompts(
+    prompt_input_ids: Sequence[Sequence[int]], tokens: SpecialTokens, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one [B, P] tensor and its attention mask.
+
+    A seq2seq encoder is bidirectional with relative positions, so it takes right padding;
+    a causal policy's prompts are padded on the left so that every response starts at
+    column P, right after its prompt.
+    """
+    if not prompt_input_ids or any(len(ids) == 0 for ids in prompt_input_ids):
+        raise ValueError("prompts must be a non-empty list of non-empty token id lists")
+    width = max(len(ids) for ids in prompt_input_ids)
+    ids = torch.full((len(prompt_input_ids), width), tokens.pad, dtype=torch.long)
+    mask = torch.zeros((len(prompt_input_ids), width), dtype=torch.long)
+    for row, prompt in enumerate(prompt_input_ids):
+        columns = slice(0, len(prompt)) if tokens.is_encoder_decoder else slice(width - len(prompt), width)
+        ids[row, columns] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, columns] = 1
+    return ids.to(device), mask.to(device)
 
 
 def sample(
@@ -91,7 +190,11 @@ def sample(
     tokens: SpecialTokens,
 ) -> torch.Tensor:
     """One batched ``generate``: pure sampling from softmax(logits / temperature), filtered
-    only by ``top_k``/``top_p`` — the distribution PPO's log-probs describe."""
+    only by ``top_k``/``top_p`` — the distribution PPO's log-probs describe.
+
+    Returns the sampled response tokens only, [B, T]: without a seq2seq decoder's start
+    token, without a causal policy's prompt; rows that ended early are padded.
+    """
     config = GenerationConfig(
         do_sample=True,
         top_k=generation.top_k,
@@ -99,12 +202,18 @@ def sample(
         temperature=generation.temperature,
         max_new_tokens=max_new_tokens,
         num_beams=1,
-        decoder_start_token_id=tokens.decoder_start,
-        eos_token_id=tokens.eos,
-        pad_token_id=tokens.pad,
+        **_token_settings(tokens),
     )
     with _only_these_settings(model, tokens):
-        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    return output[:, 1:] if tokens.is_encoder_decoder else output[:, input_ids.shape[1] :]
+
+
+def _token_settings(tokens: SpecialTokens) -> dict[str, int]:
+    settings = {"eos_token_id": tokens.eos, "pad_token_id": tokens.pad}
+    if tokens.is_encoder_decoder:
+        settings["decoder_start_token_id"] = tokens.decoder_start
+    return settings
 
 
 @contextmanager
@@ -115,9 +224,7 @@ def _only_these_settings(model, tokens: SpecialTokens) -> Iterator[None]:
     # the checkpoint's config is swapped out for the duration of the call.
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     saved = target.generation_config
-    target.generation_config = GenerationConfig(
-        decoder_start_token_id=tokens.decoder_start, eos_token_id=tokens.eos, pad_token_id=tokens.pad
-    )
+    target.generation_config = GenerationConfig(**_token_settings(tokens))
     try:
         yield
     finally:

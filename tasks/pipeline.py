@@ -150,7 +150,10 @@ def _evaluate_step(config: RunConfig, ctx: StepContext, prefix: str, adapters: l
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags(prefix))
     splits, prepared = load_prepared(dataset_uri or paths.dataset)
     device = resolve_device(config.device)
-    model, tokenizer = load_policy(config.model.policy_name, adapters, device, config.model.trust_remote_code)
+    model, tokenizer = load_policy(
+        config.model.policy_name, adapters, device, config.model.trust_remote_code, config.model.policy_family,
+        config.model.load_in_4bit, config.model.bnb_4bit_compute_dtype,
+    )
     summary = evaluate_policy(
         model, tokenizer, splits["test"], _reward_model(config, device),
         config.generation, config.eval, out_dir, desc=prefix,
@@ -165,7 +168,12 @@ def _evaluate_step(config: RunConfig, ctx: StepContext, prefix: str, adapters: l
 
 def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = None,
               adapter_dir: str | None = None) -> dict:
-    from tasks.ppo import PPOTrainer, ValueHead, build_policy
+    """PPO against the reward model; resumes from the run's last checkpoint when there is one.
+
+    Step metrics reach MLflow at each checkpoint, from the checkpoint's own history, so a
+    retried task neither loses nor repeats a step in the run's metric history.
+    """
+    from tasks.ppo import PPOTrainer, ValueHead, build_policy, latest_checkpoint
 
     paths = layout(config, ctx)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("ppo_train"))
@@ -174,20 +182,29 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
     torch.manual_seed(config.ppo.seed)
     policy, tokenizer = build_policy(
         config.model.policy_name, Path(adapter_dir or paths.sft_adapter), config.lora, device,
-        trust_remote_code=config.model.trust_remote_code,
+        trust_remote_code=config.model.trust_remote_code, family=config.model.policy_family,
+        load_in_4bit=config.model.load_in_4bit, compute_dtype=config.model.bnb_4bit_compute_dtype,
     )
-    value_head = ValueHead(policy.config.d_model, init_std=config.ppo.value_head_init_std).to(device)
+    value_head = ValueHead(policy.config.hidden_size, init_std=config.ppo.value_head_init_std).to(device)
     reward_model = _reward_model(config, device)
     trainer = PPOTrainer(policy, value_head, tokenizer, reward_model.reward, config.ppo, config.generation, device)
+    checkpoints = paths.ppo / "checkpoints"
+    resume_from = latest_checkpoint(checkpoints)
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+        logger.info("ppo_train resumes after step %d of %d", trainer.steps_done, config.ppo.steps)
+    tracking.set_tags(run_id, {"ppo.resumed_from_step": trainer.steps_done})
 
-    def on_step(step: int, metrics: dict) -> None:
-        tracking.log_metrics(run_id, metrics, "ppo/", step=step)
+    def on_checkpoint(path: Path) -> None:
+        tracking.log_step_history(run_id, trainer.history, "ppo/")
 
-    history = trainer.train(list(splits["train"]["input_ids"]), config.ppo.steps, on_step=on_step)
+    history = trainer.train(list(splits["train"]["input_ids"]), config.ppo.steps,
+                            checkpoint_dir=checkpoints, on_checkpoint=on_checkpoint)
     trainer.save(paths.ppo)
     (paths.ppo / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
     final = history[-1]
     return {"ppo_adapter_dir": str(paths.ppo_adapter), "steps": len(history),
+            "resumed_from_step": resume_from and int(resume_from.name.split("-")[-1]),
             "reward_mean": final["reward_mean"], "kl": final["kl"]}
 
 

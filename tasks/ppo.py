@@ -1,4 +1,4 @@
-"""PPO with a KL penalty for a seq2seq policy trained through a LoRA adapter.
+"""PPO with a KL penalty for a seq2seq or causal policy trained through a LoRA adapter.
 
 Written to be checked line by line against the papers it follows:
 
@@ -16,7 +16,7 @@ A ``mask`` is 1.0 on response tokens (up to and including the first EOS) and 0.0
 on padding; every masked function ignores the positions where it is 0.
 
 The reference policy of the KL penalty is the same model with the PPO adapter
-disabled (``with policy.disable_adapter():``), so the weights exist once in memory.
+switched off (:func:`reference_policy`), so the weights exist once in memory.
 """
 
 from __future__ import annotations
@@ -24,22 +24,41 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    PeftModel,
+    TaskType,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from tasks.config import GenerationSettings, LoraSettings, PPOSettings
-from tasks.models import load_policy, sample, special_tokens
+from tasks.fsutil import replace_dir
+from tasks.models import (
+    load_base_policy,
+    load_policy,
+    load_tokenizer,
+    pad_prompts,
+    policy_family,
+    sample,
+    special_tokens,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -307,6 +326,9 @@ def load_value_head(path: Path) -> ValueHead:
 # Model building
 # ---------------------------------------------------------------------------------------------
 
+PPO_ADAPTER = "default"  # peft's default name: save_pretrained writes it at the folder's top level
+SFT_ADAPTER = "sft"
+
 
 def build_policy(
     policy_name: str,
@@ -314,29 +336,92 @@ def build_policy(
     lora: LoraSettings,
     device: str | torch.device,
     trust_remote_code: bool = False,
+    family: str = "auto",
+    load_in_4bit: bool = False,
+    compute_dtype: str = "float16",
+    merge_sft: bool | None = None,
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """The PPO policy: base seq2seq model, SFT adapter merged in, a fresh LoRA adapter on top.
+    """The PPO policy: the base model (seq2seq or causal), the SFT adapter, a fresh LoRA adapter on top.
 
-    The SFT adapter is frozen into the weights (``merge_and_unload``), so disabling the new
-    PPO adapter gives the SFT policy: the reference of the KL penalty, with no second copy
-    of the weights. Only the PPO adapter's parameters are trainable.
+    By default the SFT adapter is merged into the weights (``merge_and_unload``), so disabling
+    the PPO adapter gives the SFT policy. A 4-bit base (QLoRA) cannot take a merge: there the
+    SFT adapter stays loaded as a frozen adapter named ``sft`` and the reference switches only
+    the PPO adapter off (see :func:`reference_policy`). Either way the base weights exist once
+    in memory and only the PPO adapter's parameters are trainable.
     """
-    sft_adapters = [Path(sft_adapter_dir)] if sft_adapter_dir is not None else []
-    model, tokenizer = load_policy(policy_name, sft_adapters, "cpu", trust_remote_code=trust_remote_code)
+    resolved = policy_family(policy_name, family, trust_remote_code)
+    merge_sft = (not load_in_4bit) if merge_sft is None else merge_sft
+    if load_in_4bit and merge_sft:
+        raise ValueError("an SFT adapter cannot be merged into a 4-bit base; leave merge_sft unset")
     lora_config = LoraConfig(
-        task_type=TaskType.SEQ_2_SEQ_LM,
+        task_type=TaskType.SEQ_2_SEQ_LM if resolved == "seq2seq" else TaskType.CAUSAL_LM,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=list(lora.target_modules) if lora.target_modules else None,
     )
-    policy = get_peft_model(model, lora_config).to(device)
+    if merge_sft or sft_adapter_dir is None:
+        adapters = [Path(sft_adapter_dir)] if sft_adapter_dir is not None else []
+        model, tokenizer = load_policy(
+            policy_name, adapters, "cpu", trust_remote_code, resolved, load_in_4bit, compute_dtype
+        )
+        if load_in_4bit:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        policy = get_peft_model(model, lora_config, adapter_name=PPO_ADAPTER)
+    else:
+        tokenizer = load_tokenizer(policy_name, resolved, trust_remote_code)
+        model = load_base_policy(policy_name, resolved, load_in_4bit, compute_dtype, trust_remote_code)
+        if load_in_4bit:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        policy = PeftModel.from_pretrained(model, str(sft_adapter_dir), adapter_name=SFT_ADAPTER, is_trainable=False)
+        policy.add_adapter(PPO_ADAPTER, lora_config)
+        _activate_policy_adapters(policy)
+        logger.info("SFT adapter %s kept as the frozen adapter %r", sft_adapter_dir, SFT_ADAPTER)
+    if not _is_quantized(policy):
+        policy.to(device)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     total = sum(p.numel() for p in policy.parameters())
     logger.info(
-        "PPO LoRA adapter: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total
+        "PPO LoRA adapter on a %s policy: %d trainable of %d parameters (%.2f%%)",
+        resolved, trainable, total, 100 * trainable / total,
     )
     return policy, tokenizer
+
+
+def _frozen_adapters(policy: PeftModel) -> list[str]:
+    return [name for name in policy.peft_config if name != PPO_ADAPTER]
+
+
+def _activate_policy_adapters(policy: PeftModel) -> None:
+    """Frozen adapters and the PPO adapter all on, only the PPO adapter trainable."""
+    frozen = _frozen_adapters(policy)
+    policy.base_model.set_adapter([*frozen, PPO_ADAPTER])
+    if frozen:
+        policy.set_requires_grad(frozen, requires_grad=False)
+
+
+@contextmanager
+def reference_policy(policy: PeftModel) -> Iterator[None]:
+    """Inside the block ``policy`` is the reference of the KL penalty: the PPO adapter is off.
+
+    With the SFT adapter merged that is ``disable_adapter()``; with a frozen SFT adapter
+    (4-bit bases) the SFT adapter alone stays active.
+    """
+    frozen = _frozen_adapters(policy)
+    if not frozen:
+        with policy.disable_adapter():
+            yield
+        return
+    policy.base_model.set_adapter(frozen, inference_mode=True)
+    try:
+        yield
+    finally:
+        _activate_policy_adapters(policy)
+
+
+def _is_quantized(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, "hf_quantizer", None) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,25 +437,31 @@ class Rollout:
     wherever ``response_mask`` is 0.
     """
 
-    prompt_ids: torch.Tensor  # [B, P] right-padded encoder input
-    prompt_mask: torch.Tensor  # [B, P] encoder attention mask
-    response_ids: torch.Tensor  # [B, T] sampled tokens, without the decoder start token
+    prompt_ids: torch.Tensor  # [B, P] prompts: right-padded (seq2seq) or left-padded (causal)
+    prompt_mask: torch.Tensor  # [B, P] attention mask of the prompts
+    response_ids: torch.Tensor  # [B, T] sampled tokens (no decoder start token, no prompt)
     response_mask: torch.Tensor  # [B, T] float, 1 up to and including the first EOS / length budget
     length_budget: torch.Tensor  # [B] response length drawn per sample (the seeds' LengthSampler)
     texts: list[str]  # decoded responses, special tokens skipped
-    scores: torch.Tensor  # [B] reward_fn(texts)
+    rewards: torch.Tensor  # [B] reward_fn(texts), as the reward model gave them
+    ended: torch.Tensor  # [B] bool, the response ended with EOS within its budget
+    scores: torch.Tensor  # [B] the score PPO optimises: rewards minus the missing-EOS penalty
     logprobs: torch.Tensor  # [B, T] log pi_old(token), logits / temperature
-    ref_logprobs: torch.Tensor  # [B, T] same under the reference (adapter disabled)
+    ref_logprobs: torch.Tensor  # [B, T] same under the reference (PPO adapter off)
     values: torch.Tensor  # [B, T] value head on the rollout policy
     entropy: torch.Tensor  # [B, T] entropy of pi_old at each position
 
 
+CHECKPOINT_PREFIX = "step-"
+
+
 class PPOTrainer:
-    """PPO with a per-token KL penalty for a LoRA-adapted seq2seq policy.
+    """PPO with a per-token KL penalty for a LoRA-adapted policy, seq2seq or causal.
 
     ``reward_fn`` maps decoded responses to one score each (a [B] tensor). The reference
-    policy is ``policy`` with its adapter disabled. Dropout is off throughout (the model
-    stays in eval mode), so the first mini-batch's ratio is exactly 1 (Huang et al.).
+    policy is ``policy`` with its PPO adapter switched off (:func:`reference_policy`).
+    Dropout is off throughout (the model stays in eval mode), so the first mini-batch's
+    ratio is exactly 1 (Huang et al.).
     """
 
     def __init__(
@@ -384,7 +475,7 @@ class PPOTrainer:
         device: str | torch.device,
     ):
         self.device = torch.device(device)
-        self.policy = policy.to(self.device)
+        self.policy = policy if _is_quantized(policy) else policy.to(self.device)
         self.value_head = value_head.to(self.device)
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn
@@ -406,21 +497,11 @@ class PPOTrainer:
         )
         self.generator = torch.Generator().manual_seed(ppo.seed)
         self.steps_done = 0
+        self.history: list[dict[str, float]] = []  # metrics of every step, across resumes
+        self._prompt_order: list[int] = []  # prompts still to visit in this pass over the data
+        self._restored = False
 
-    # -- rollout ---------------------------------------------------------------------------
-
-    def _pad_prompts(self, prompt_input_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        if not prompt_input_ids or any(len(ids) == 0 for ids in prompt_input_ids):
-            raise ValueError("prompts must be a non-empty list of non-empty token id lists")
-        width = max(len(ids) for ids in prompt_input_ids)
-        # T5's encoder is bidirectional with relative positions: right padding plus the
-        # attention mask is exact; the decoder always starts at position 0.
-        prompt_ids = torch.full((len(prompt_input_ids), width), self.tokens.pad, dtype=torch.long)
-        prompt_mask = torch.zeros((len(prompt_input_ids), width), dtype=torch.long)
-        for row, ids in enumerate(prompt_input_ids):
-            prompt_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            prompt_mask[row, : len(ids)] = 1
-        return prompt_ids.to(self.device), prompt_mask.to(self.device)
+    # -- forward passes --------------------------------------------------------------------
 
     def _response_mask(self, response_ids: torch.Tensor, length_budget: torch.Tensor) -> torch.Tensor:
         """1 on tokens up to and including the first EOS, and within each sample's length budget."""
@@ -430,6 +511,38 @@ class PPOTrainer:
         length = torch.minimum(first_eos + 1, length_budget.to(response_ids.device))
         return (positions[None, :] < length[:, None]).float()
 
+    def _logits_and_states(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under teacher forcing: for each response token, the logits that predict it and the last
+        hidden state they come from, [B, T, V] and [B, T, H].
+
+        Seq2seq: the decoder reads ``[start, r_0 .. r_{T-2}]``. Causal: the model reads the
+        left-padded prompt followed by the response, and response token ``t`` is predicted at
+        column ``P - 1 + t``; positions count only real tokens, as ``generate`` counts them.
+        Either way the model is causal over the response, so the padding after a response's
+        end cannot change the positions before it; the losses mask those positions out.
+        """
+        if self.tokens.is_encoder_decoder:
+            start = torch.full_like(response_ids[:, :1], self.tokens.decoder_start)
+            output = self.policy(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                decoder_input_ids=torch.cat([start, response_ids[:, :-1]], dim=1),
+                output_hidden_states=True,
+            )
+            return output.logits, output.decoder_hidden_states[-1]
+        prompt_length, response_length = prompt_ids.shape[1], response_ids.shape[1]
+        attention_mask = torch.cat([prompt_mask, torch.ones_like(response_ids)], dim=1)
+        output = self.policy(
+            input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
+            output_hidden_states=True,
+            logits_to_keep=response_length + 1,  # no vocabulary-wide logits over the prompt
+        )
+        return output.logits[:, :-1], output.hidden_states[-1][:, prompt_length - 1 : -1]
+
     def _forward(
         self,
         prompt_ids: torch.Tensor,
@@ -437,38 +550,35 @@ class PPOTrainer:
         response_ids: torch.Tensor,
         with_entropy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Log-probs of ``response_ids`` under teacher forcing, the values, optionally the entropy.
-
-        The decoder is causal, so the padding after a response's end cannot change the
-        positions before it; the losses mask those positions out.
-        """
-        start = torch.full_like(response_ids[:, :1], self.tokens.decoder_start)
-        decoder_input_ids = torch.cat([start, response_ids[:, :-1]], dim=1)
-        output = self.policy(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            decoder_input_ids=decoder_input_ids,
-            output_hidden_states=True,
-        )
+        """Log-probs of ``response_ids`` under teacher forcing, the values, optionally the entropy."""
+        logits, hidden = self._logits_and_states(prompt_ids, prompt_mask, response_ids)
         # Log-probs of the distribution that was sampled: logits / temperature (Huang et al.).
-        logits = output.logits.float() / self.generation.temperature
-        all_logprobs = F.log_softmax(logits, dim=-1)
+        all_logprobs = F.log_softmax(logits.float() / self.generation.temperature, dim=-1)
         logprobs = torch.gather(all_logprobs, 2, response_ids.unsqueeze(-1)).squeeze(-1)
         # The value head reads detached features: its regression error must not move the shared
         # LoRA weights, or the critic's gradients (larger than the policy's early on) drag the
         # policy away from the reference with no gain in reward.
-        values = self.value_head(output.decoder_hidden_states[-1].detach())
+        values = self.value_head(hidden.detach())
         entropy = None
         if with_entropy:
             entropy = -(all_logprobs.exp() * all_logprobs).sum(dim=-1)
         return logprobs, values, entropy
 
+    # -- rollout ---------------------------------------------------------------------------
+
     def rollout(self, prompt_input_ids: list[list[int]]) -> Rollout:
-        """Sample one response per prompt in one batched ``generate``, score them, and record
-        the sampling policy's log-probs and values and the reference's log-probs."""
+        """Sample one response per prompt in one batched ``generate``, score them in one batched
+        reward call, and record the sampling policy's log-probs and values and the reference's
+        log-probs.
+
+        Each sample gets its own length budget in [min_new_tokens, max_new_tokens] (the seeds'
+        LengthSampler) without a per-sample ``generate``: the batch samples up to the largest
+        budget and each response is cut at its own. Sampling is autoregressive, so a response
+        cut at ``n`` tokens has exactly the distribution of one generated with ``n`` as limit.
+        """
         self.policy.eval()
         self.value_head.eval()
-        prompt_ids, prompt_mask = self._pad_prompts(prompt_input_ids)
+        prompt_ids, prompt_mask = pad_prompts(prompt_input_ids, self.tokens, self.device)
         batch_size = prompt_ids.shape[0]
         length_budget = torch.randint(
             self.generation.min_new_tokens,
@@ -476,28 +586,27 @@ class PPOTrainer:
             (batch_size,),
             generator=self.generator,
         )
-        # no_grad rather than inference_mode: inference tensors cannot be saved for backward,
-        # and the response ids feed the training forward pass.
-        with torch.no_grad():
-            sequences = sample(
+        with torch.inference_mode():
+            sampled = sample(
                 self.policy, prompt_ids, prompt_mask, self.generation, int(length_budget.max()), self.tokens
             )
-        response_ids = sequences[:, 1:]  # drop the decoder start token
+        # A normal tensor again: inference tensors cannot take part in the training forward pass.
+        response_ids = sampled.clone()
         response_mask = self._response_mask(response_ids, length_budget)
         response_ids = response_ids.masked_fill(response_mask == 0, self.tokens.pad)
         texts = self.tokenizer.batch_decode(response_ids.tolist(), skip_special_tokens=True)
 
-        scores = self.reward_fn(texts)
-        scores = torch.as_tensor(scores, dtype=torch.float32).to(self.device)
-        if scores.shape != (batch_size,):
-            raise PPOTrainingError(
-                f"reward_fn returned shape {tuple(scores.shape)}, expected ({batch_size},)"
-            )
-        if not torch.isfinite(scores).all():
-            bad = int((~torch.isfinite(scores)).sum())
-            raise PPOTrainingError(
-                f"reward_fn returned {bad} non-finite rewards (NaN or inf) of {batch_size}"
-            )
+        rewards = self.reward_fn(texts)
+        rewards = torch.as_tensor(rewards, dtype=torch.float32).to(self.device)
+        if rewards.shape != (batch_size,):
+            raise PPOTrainingError(f"reward_fn returned shape {tuple(rewards.shape)}, expected ({batch_size},)")
+        if not torch.isfinite(rewards).all():
+            bad = int((~torch.isfinite(rewards)).sum())
+            raise PPOTrainingError(f"reward_fn returned {bad} non-finite rewards (NaN or inf) of {batch_size}")
+        ended = ((response_ids == self.tokens.eos) & (response_mask == 1)).any(dim=1)
+        scores = rewards
+        if self.ppo.missing_eos_penalty is not None:
+            scores = rewards - self.ppo.missing_eos_penalty * (~ended).float()
 
         chunks: list[tuple[torch.Tensor, ...]] = []
         with torch.no_grad():
@@ -505,7 +614,7 @@ class PPOTrainer:
                 rows = slice(start, start + self.ppo.mini_batch_size)
                 args = (prompt_ids[rows], prompt_mask[rows], response_ids[rows])
                 logprobs, values, entropy = self._forward(*args, with_entropy=True)
-                with self.policy.disable_adapter():
+                with reference_policy(self.policy):
                     ref_logprobs, _, _ = self._forward(*args)
                 chunks.append((logprobs, ref_logprobs, values, entropy))
         logprobs, ref_logprobs, values, entropy = (torch.cat(parts) for parts in zip(*chunks, strict=True))
@@ -516,6 +625,8 @@ class PPOTrainer:
             response_mask=response_mask,
             length_budget=length_budget,
             texts=texts,
+            rewards=rewards,
+            ended=ended,
             scores=scores,
             logprobs=logprobs,
             ref_logprobs=ref_logprobs,
@@ -553,8 +664,9 @@ class PPOTrainer:
         raw_advantages_mean = float(masked_mean(advantages, mask))
         advantages = whiten(advantages, mask)
 
-        # Optimise: ppo_epochs passes over shuffled mini-batches; the model stays in eval
-        # mode so dropout does not make the first ratio differ from 1.
+        # Optimise: ppo_epochs passes over shuffled mini-batches, each one optimizer step made of
+        # gradient_accumulation_steps micro-batches. The model stays in eval mode so dropout
+        # does not make the first ratio differ from 1.
         losses: dict[str, list[float]] = {
             "policy_loss": [],
             "value_loss": [],
@@ -562,42 +674,46 @@ class PPOTrainer:
             "approx_kl": [],
             "value_clipfrac": [],
         }
+        micro_batch_size = ppo.mini_batch_size // ppo.gradient_accumulation_steps
         for _epoch in range(ppo.ppo_epochs):
             order = torch.randperm(batch_size, generator=self.generator).to(self.device)
             for start in range(0, batch_size, ppo.mini_batch_size):
-                mb = order[start : start + ppo.mini_batch_size]
-                new_logprobs, new_values, _ = self._forward(
-                    rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.response_ids[mb]
-                )
-                pg_loss, clipfrac, approx_kl = policy_loss(
-                    new_logprobs, rollout.logprobs[mb], advantages[mb], mask[mb], ppo.cliprange
-                )
-                vf_loss, vf_clipfrac = value_loss(
-                    new_values, old_values[mb], returns[mb], mask[mb], ppo.cliprange_value
-                )
-                loss = pg_loss + ppo.vf_coef * vf_loss
-                if not torch.isfinite(loss):
-                    raise PPOTrainingError(
-                        f"non-finite loss at step {self.steps_done}: "
-                        f"policy loss {pg_loss.item()}, value loss {vf_loss.item()}"
-                    )
+                mini_batch = order[start : start + ppo.mini_batch_size]
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                for micro_start in range(0, len(mini_batch), micro_batch_size):
+                    mb = mini_batch[micro_start : micro_start + micro_batch_size]
+                    new_logprobs, new_values, _ = self._forward(
+                        rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.response_ids[mb]
+                    )
+                    pg_loss, clipfrac, approx_kl = policy_loss(
+                        new_logprobs, rollout.logprobs[mb], advantages[mb], mask[mb], ppo.cliprange
+                    )
+                    vf_loss, vf_clipfrac = value_loss(
+                        new_values, old_values[mb], returns[mb], mask[mb], ppo.cliprange_value
+                    )
+                    loss = pg_loss + ppo.vf_coef * vf_loss
+                    if not torch.isfinite(loss):
+                        raise PPOTrainingError(
+                            f"non-finite loss at step {self.steps_done}: "
+                            f"policy loss {pg_loss.item()}, value loss {vf_loss.item()}"
+                        )
+                    (loss / ppo.gradient_accumulation_steps).backward()
+                    losses["policy_loss"].append(pg_loss.item())
+                    losses["value_loss"].append(vf_loss.item())
+                    losses["clipfrac"].append(clipfrac.item())
+                    losses["approx_kl"].append(approx_kl.item())
+                    losses["value_clipfrac"].append(vf_clipfrac.item())
                 nn.utils.clip_grad_norm_(self.trainable_params, ppo.max_grad_norm)
                 self.optimizer.step()
-                losses["policy_loss"].append(pg_loss.item())
-                losses["value_loss"].append(vf_loss.item())
-                losses["clipfrac"].append(clipfrac.item())
-                losses["approx_kl"].append(approx_kl.item())
-                losses["value_clipfrac"].append(vf_clipfrac.item())
 
         self.kl_ctl.update(mean_kl, batch_size)
         self.steps_done += 1
         elapsed = time.perf_counter() - started
-        scores = rollout.scores
         metrics = {
-            "reward_mean": float(scores.mean()),
-            "reward_std": float(scores.std()) if batch_size > 1 else 0.0,
+            "reward_mean": float(rollout.rewards.mean()),
+            "reward_std": float(rollout.rewards.std()) if batch_size > 1 else 0.0,
+            "score_mean": float(rollout.scores.mean()),
+            "eos_share": float(rollout.ended.float().mean()),
             "kl": mean_kl,
             "kl_coef": kl_coef,
             "entropy": float(masked_mean(rollout.entropy, mask)),
@@ -616,30 +732,38 @@ class PPOTrainer:
     def train(
         self,
         prompts: list[list[int]],
-        steps: int,
+        total_steps: int,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
+        checkpoint_dir: Path | None = None,
+        on_checkpoint: Callable[[Path], None] | None = None,
     ) -> list[dict[str, float]]:
-        """Run ``steps`` PPO steps over batches of ``ppo.batch_size`` prompts, reshuffled each pass.
+        """Train until ``total_steps`` PPO steps are done, over batches of ``ppo.batch_size`` prompts
+        reshuffled each pass; returns :attr:`history`, the metrics of every step.
 
-        ``on_step(step, metrics)`` runs after each step (logging, checkpoints) with the
-        0-based step index, counted across :meth:`load` resumes. Raises
-        :class:`PPOTrainingError` when training diverges.
+        After :meth:`load_checkpoint` only the remaining steps run, and the run continues
+        exactly where the checkpoint left it (weights, optimizer, KL coefficient, data order,
+        random state). With ``checkpoint_dir`` a checkpoint is written every
+        ``ppo.checkpoint_every`` steps and after the last one; ``on_checkpoint(path)`` runs after
+        each. ``on_step(step, metrics)`` runs after every step with the 0-based step index.
+        Raises :class:`PPOTrainingError` when training diverges.
         """
         if not prompts:
             raise ValueError("no prompts to train on")
-        torch.manual_seed(self.ppo.seed + self.steps_done)  # generate() samples from the global RNG
-        history: list[dict[str, float]] = []
-        order: list[int] = []
-        progress = tqdm(range(steps), desc="ppo", unit="step")
+        if self.steps_done > total_steps:
+            raise ValueError(f"already {self.steps_done} steps done, more than the {total_steps} asked for")
+        if not self._restored and self.steps_done == 0:
+            torch.manual_seed(self.ppo.seed)  # generate() samples from the global RNG
+        progress = tqdm(range(self.steps_done, total_steps), desc="ppo", unit="step",
+                        initial=self.steps_done, total=total_steps)
         for _ in progress:
             batch: list[list[int]] = []
             while len(batch) < self.ppo.batch_size:
-                if not order:
-                    order = torch.randperm(len(prompts), generator=self.generator).tolist()
-                batch.append(prompts[order.pop()])
+                if not self._prompt_order:
+                    self._prompt_order = torch.randperm(len(prompts), generator=self.generator).tolist()
+                batch.append(prompts[self._prompt_order.pop()])
             metrics = self.step(batch)
             step = self.steps_done - 1
-            history.append(metrics)
+            self.history.append(metrics)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2f}")
             logger.info(
                 "ppo step %d: reward %.4f kl %.3f kl_coef %.4f policy_loss %.4f value_loss %.4f",
@@ -652,30 +776,38 @@ class PPOTrainer:
             )
             if on_step is not None:
                 on_step(step, metrics)
-        return history
+            if checkpoint_dir is not None and (
+                self.steps_done % self.ppo.checkpoint_every == 0 or self.steps_done == total_steps
+            ):
+                path = self.save_checkpoint(checkpoint_dir)
+                if on_checkpoint is not None:
+                    on_checkpoint(path)
+        return self.history
 
     # -- persistence -----------------------------------------------------------------------
 
     def save(self, out_dir: Path) -> None:
-        """Write ``adapter/`` (safetensors), ``value_head.safetensors`` and ``trainer_state.json``."""
+        """Write the inference artifacts: ``adapter/`` (safetensors, the PPO adapter only),
+        ``value_head.safetensors`` and ``trainer_state.json``."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.policy.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
+        self.policy.save_pretrained(str(out_dir / "adapter"), safe_serialization=True, selected_adapters=[PPO_ADAPTER])
         head_state = {
             name: tensor.detach().contiguous().cpu() for name, tensor in self.value_head.state_dict().items()
         }
         save_file(head_state, str(out_dir / "value_head.safetensors"))
-        state = {"steps_done": self.steps_done, "kl_controller": self.kl_ctl.state_dict()}
+        state = {
+            "steps_done": self.steps_done,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "prompt_order": self._prompt_order,
+        }
         (out_dir / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
     def load(self, out_dir: Path) -> None:
-        """Restore what :meth:`save` wrote (adapter weights, value head, KL coefficient, step count).
-
-        The Adam moments are not saved: after a resume they start again from zero.
-        """
+        """Restore what :meth:`save` wrote (adapter weights, value head, KL coefficient, step count)."""
         out_dir = Path(out_dir)
         adapter_state = load_file(str(out_dir / "adapter" / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(self.policy, adapter_state)
+        result = set_peft_model_state_dict(self.policy, adapter_state, adapter_name=PPO_ADAPTER)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"adapter in {out_dir} does not fit the policy: {result.unexpected_keys[:5]}")
         self.value_head.load_state_dict(
@@ -684,3 +816,71 @@ class PPOTrainer:
         state = json.loads((out_dir / "trainer_state.json").read_text())
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.steps_done = int(state["steps_done"])
+        self._prompt_order = [int(i) for i in state.get("prompt_order", [])]
+
+    def save_checkpoint(self, checkpoint_dir: Path) -> Path:
+        """Everything a resume needs, as ``<checkpoint_dir>/step-NNNNNN``: :meth:`save`'s files plus
+        the optimizer, the random states and the metrics so far.
+
+        The checkpoint is written under a temporary name and renamed into place, so a process
+        killed mid-write leaves no folder that :func:`latest_checkpoint` would pick. Only the
+        ``ppo.keep_checkpoints`` newest are kept.
+        """
+        checkpoint_dir = Path(checkpoint_dir)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.steps_done:06d}"
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=checkpoint_dir))
+        try:
+            self.save(staging)
+            random_state = {"torch": torch.get_rng_state(), "trainer": self.generator.get_state()}
+            if torch.cuda.is_available():
+                random_state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+            torch.save({"optimizer": self.optimizer.state_dict(), "random_state": random_state},
+                       staging / "training_state.pt")
+            (staging / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in self.history))
+            replace_dir(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for old in _checkpoints(checkpoint_dir)[: -self.ppo.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in checkpoint_dir.glob(f".{CHECKPOINT_PREFIX}*"):  # left by a process killed mid-write
+            shutil.rmtree(stale, ignore_errors=True)
+        logger.info("checkpoint after step %d written to %s", self.steps_done, final)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Continue from a checkpoint of :meth:`save_checkpoint`: the next :meth:`train` call goes
+        on exactly as the interrupted run would have."""
+        path = Path(path)
+        self.load(path)
+        state = torch.load(path / "training_state.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        random_state = state["random_state"]
+        torch.set_rng_state(random_state["torch"].cpu())
+        self.generator.set_state(random_state["trainer"].cpu())
+        if "cuda" in random_state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(random_state["cuda"].cpu()))
+        metrics_path = path / "metrics.jsonl"
+        self.history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        if len(self.history) != self.steps_done:
+            raise ValueError(f"checkpoint {path} has metrics for {len(self.history)} of {self.steps_done} steps")
+        self._restored = True
+        logger.info("resumed PPO from %s after step %d", path, self.steps_done)
+
+
+def _checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Complete checkpoints in ``checkpoint_dir``, oldest first (temporary folders are skipped)."""
+    if not Path(checkpoint_dir).is_dir():
+        return []
+    found = [
+        path for path in Path(checkpoint_dir).iterdir()
+        if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX):].isdigit()
+    ]
+    return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]))
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint in ``checkpoint_dir``, or None."""
+    found = _checkpoints(checkpoint_dir)
+    return found[-1] if found else None

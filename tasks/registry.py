@@ -33,8 +33,10 @@ SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([C
 
 def merge_policy(config: RunConfig, adapter_dirs: list[Path], out_dir: Path) -> Path:
     """Base + adapters merged and saved (safetensors) with the tokenizer and serving settings."""
+    # Merged in full precision even when training ran on a 4-bit base: served weights are not quantized.
     model, tokenizer = load_policy(
-        config.model.policy_name, adapter_dirs, device="cpu", trust_remote_code=config.model.trust_remote_code
+        config.model.policy_name, adapter_dirs, device="cpu", trust_remote_code=config.model.trust_remote_code,
+        family=config.model.policy_family,
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
@@ -42,6 +44,7 @@ def merge_policy(config: RunConfig, adapter_dirs: list[Path], out_dir: Path) -> 
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         serving = {
+            "family": "seq2seq" if model.config.is_encoder_decoder else "causal",
             "prompt_template": config.data.prompt_template,
             "max_prompt_tokens": config.data.max_prompt_tokens,
             "max_new_tokens": config.eval.max_new_tokens,

@@ -21,13 +21,19 @@ SERVING_CONFIG = "detox_serving.json"
 class DetoxSummarizer(PythonModel):
     def load_context(self, context) -> None:
         import torch
-        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         model_dir = Path(context.artifacts["model"])
         self.settings = json.loads((model_dir / SERVING_CONFIG).read_text())
+        self.causal = self.settings.get("family") == "causal"
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, use_safetensors=True).to(self.device).eval()
+        model_class = AutoModelForCausalLM if self.causal else AutoModelForSeq2SeqLM
+        if self.causal:  # prompts end where the summaries begin
+            self.tokenizer.padding_side = "left"
+            if self.tokenizer.pad_token_id is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = model_class.from_pretrained(model_dir, use_safetensors=True).to(self.device).eval()
 
     def predict(self, context, model_input, params=None) -> list[str]:
         import torch
@@ -44,8 +50,11 @@ class DetoxSummarizer(PythonModel):
             ).to(self.device)
             with torch.inference_mode():
                 output = self.model.generate(
-                    **batch, max_new_tokens=self.settings["max_new_tokens"], do_sample=False, num_beams=1
+                    **batch, max_new_tokens=self.settings["max_new_tokens"], do_sample=False, num_beams=1,
+                    pad_token_id=self.tokenizer.pad_token_id,
                 )
+            if self.causal:
+                output = output[:, batch["input_ids"].shape[1] :]
             summaries.extend(t.strip() for t in self.tokenizer.batch_decode(output, skip_special_tokens=True))
         return summaries
 

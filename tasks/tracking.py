@@ -98,6 +98,30 @@ def log_metrics(run_id: str, metrics: dict[str, float], prefix: str = "", step: 
         client().log_batch(run_id, metrics=entries)
 
 
+def log_step_history(run_id: str, history: list[dict[str, float]], prefix: str = "") -> int:
+    """Log the steps of ``history`` (step ``i`` = ``history[i]``) that the run does not have yet.
+
+    A resumed training run calls this again with the history restored from its checkpoint:
+    steps already in MLflow are not logged twice. Returns the number of steps logged.
+    """
+    if not history:
+        return 0
+    import time
+
+    probe = f"{prefix}{next(iter(history[0]))}"
+    logged_through = max((metric.step for metric in client().get_metric_history(run_id, probe)), default=-1)
+    now = int(time.time() * 1000)
+    entries = [
+        Metric(f"{prefix}{key}", float(value), now, step)
+        for step in range(logged_through + 1, len(history))
+        for key, value in history[step].items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+    for start in range(0, len(entries), 1000):  # the tracking server takes 1000 metrics per batch
+        client().log_batch(run_id, metrics=entries[start : start + 1000])
+    return max(0, len(history) - logged_through - 1)
+
+
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

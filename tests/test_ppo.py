@@ -7,6 +7,7 @@ in about 40% of its output, so PPO has something to unlearn.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -26,11 +27,13 @@ from tasks.ppo import (
     compute_gae,
     explained_variance,
     kl_penalty,
+    latest_checkpoint,
     load_value_head,
     masked_mean,
     masked_var,
     per_token_rewards,
     policy_loss,
+    reference_policy,
     value_loss,
     whiten,
 )
@@ -370,7 +373,7 @@ def test_training_makes_the_policy_stop_insulting(insulting_t5_state, prompts):
     torch.manual_seed(123)
     rate_before = insult_rate()
     seen: list[int] = []
-    history = trainer.train(prompts, steps=30, on_step=lambda step, metrics: seen.append(step))
+    history = trainer.train(prompts, total_steps=30, on_step=lambda step, metrics: seen.append(step))
     torch.manual_seed(123)
     rate_after = insult_rate()
 
@@ -404,7 +407,7 @@ def test_training_makes_the_policy_stop_insulting(insulting_t5_state, prompts):
 def test_nan_rewards_raise(insulting_t5_state, prompts):
     trainer = make_trainer(insulting_t5_state, reward_fn=lambda texts: torch.full((len(texts),), math.nan))
     with pytest.raises(PPOTrainingError, match="non-finite rewards"):
-        trainer.train(prompts, steps=1)
+        trainer.train(prompts, total_steps=1)
 
 
 def test_reward_of_the_wrong_shape_raises(insulting_t5_state, prompts):
@@ -416,7 +419,7 @@ def test_reward_of_the_wrong_shape_raises(insulting_t5_state, prompts):
 def test_kl_past_the_ceiling_raises(insulting_t5_state, prompts):
     trainer = make_trainer(insulting_t5_state, kl_ceiling=1e-3)
     with pytest.raises(PPOTrainingError, match="kl_ceiling"):
-        trainer.train(prompts, steps=5)
+        trainer.train(prompts, total_steps=5)
 
 
 def test_a_policy_without_decoder_start_token_is_rejected():
@@ -434,7 +437,7 @@ def test_a_policy_without_decoder_start_token_is_rejected():
 def test_empty_prompts_are_rejected(insulting_t5_state):
     trainer = make_trainer(insulting_t5_state)
     with pytest.raises(ValueError, match="no prompts"):
-        trainer.train([], steps=1)
+        trainer.train([], total_steps=1)
     with pytest.raises(ValueError, match="non-empty"):
         trainer.rollout([[5, 1], []])
 
@@ -503,3 +506,122 @@ def test_build_policy_merges_sft_and_the_reference_is_the_sft_model(tmp_path, in
     fresh_policy.eval()
     with torch.no_grad():
         torch.testing.assert_close(fresh_policy(**inputs).logits, trained_logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, gradient accumulation, the missing-EOS penalty, a frozen SFT adapter
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_resumed_run_continues_exactly_where_the_checkpoint_left_it(tmp_path, insulting_t5_state, prompts):
+    straight = make_trainer(insulting_t5_state, checkpoint_every=2)
+    expected = straight.train(prompts, total_steps=5, checkpoint_dir=tmp_path / "straight")
+    # keep_checkpoints=2: steps 4 and 5 (the last step always gets one) are left
+    assert sorted(p.name for p in (tmp_path / "straight").iterdir()) == ["step-000004", "step-000005"]
+
+    interrupted = make_trainer(insulting_t5_state, checkpoint_every=2)
+    saved: list[str] = []
+    interrupted.train(prompts, total_steps=3, checkpoint_dir=tmp_path / "resumed",
+                      on_checkpoint=lambda path: saved.append(path.name))
+    assert saved == ["step-000002", "step-000003"]
+    # A process killed while writing the next checkpoint leaves only a hidden staging folder.
+    (tmp_path / "resumed" / ".step-000004-abc").mkdir()
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-000003"
+
+    torch.manual_seed(999)  # whatever the new process's global RNG holds, the checkpoint's wins
+    resumed = make_trainer(insulting_t5_state, checkpoint_every=2)
+    resumed.load_checkpoint(latest_checkpoint(tmp_path / "resumed"))
+    assert resumed.steps_done == 3 and len(resumed.history) == 3
+    history = resumed.train(prompts, total_steps=5, checkpoint_dir=tmp_path / "resumed")
+
+    assert len(history) == 5
+    for step, (got, want) in enumerate(zip(history, expected, strict=True)):
+        for key in ("reward_mean", "kl", "kl_coef", "policy_loss", "value_loss"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (step, key)
+    for got, want in zip(resumed.policy.parameters(), straight.policy.parameters(), strict=True):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="more than"):
+        resumed.train(prompts, total_steps=4)
+
+
+def test_gradient_accumulation_splits_each_mini_batch(insulting_t5_state, prompts):
+    trainer = make_trainer(insulting_t5_state, mini_batch_size=8, gradient_accumulation_steps=4, ppo_epochs=2)
+    forward_rows: list[int] = []
+    optimizer_steps = 0
+    real_forward, real_step = trainer._forward, trainer.optimizer.step
+
+    def counting_forward(prompt_ids, *args, **kwargs):
+        forward_rows.append(prompt_ids.shape[0])
+        return real_forward(prompt_ids, *args, **kwargs)
+
+    def counting_step(*args, **kwargs):
+        nonlocal optimizer_steps
+        optimizer_steps += 1
+        return real_step(*args, **kwargs)
+
+    rollout = trainer.rollout(prompts[:16])
+    trainer.rollout = lambda batch: rollout  # only the update's forward passes are counted
+    trainer.optimizer.step = counting_step
+    trainer._forward = counting_forward
+    metrics = trainer.step(prompts[:16])
+    assert optimizer_steps == 2 * (16 // 8)  # epochs x mini-batches
+    assert forward_rows == [2] * (2 * 16 // 2)  # micro-batches of 8 / 4 rows
+    assert math.isfinite(metrics["policy_loss"])
+    with pytest.raises(ValueError, match="multiple of gradient_accumulation_steps"):
+        PPOSettings(mini_batch_size=8, gradient_accumulation_steps=3)
+
+
+def test_missing_eos_penalty_lowers_only_the_scores_of_unfinished_responses(insulting_t5_state, prompts):
+    def rollout_with(penalty):
+        trainer = make_trainer(insulting_t5_state, missing_eos_penalty=penalty)
+        torch.manual_seed(5)
+        return trainer.rollout(prompts[:16])
+
+    plain, penalised = rollout_with(None), rollout_with(2.0)
+    assert plain.texts == penalised.texts  # same samples
+    assert bool(plain.ended.any()) and bool((~plain.ended).any())
+    torch.testing.assert_close(plain.scores, plain.rewards)
+    torch.testing.assert_close(penalised.scores, plain.rewards - 2.0 * (~plain.ended).float())
+    ended = plain.response_mask.sum(1).long() - 1
+    assert torch.equal(plain.ended, plain.response_ids.gather(1, ended[:, None]).squeeze(1) == 1)
+
+
+def test_a_frozen_sft_adapter_stays_frozen_and_is_the_reference(tmp_path, insulting_t5_state, prompts):
+    """The 4-bit (QLoRA) layout, on CPU without quantization: SFT as a frozen adapter, PPO's on top."""
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(tiny_t5_config())
+    base.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    sft_lora = LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM, r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False
+    )
+    get_peft_model(base, sft_lora).save_pretrained(tmp_path / "sft")
+    lora = LoraSettings(r=8, alpha=16, dropout=0.0)
+    merged, _ = build_policy(str(tmp_path / "base"), tmp_path / "sft", lora, "cpu")
+    policy, tokenizer = build_policy(str(tmp_path / "base"), tmp_path / "sft", lora, "cpu", merge_sft=False)
+    assert set(policy.peft_config) == {"sft", "default"}
+    trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in name for name in trainable)
+
+    inputs = {"input_ids": torch.tensor([prompts[0]]), "decoder_input_ids": torch.tensor([[0, 5, 9, 12]])}
+    merged.eval()
+    policy.eval()
+    with torch.no_grad():
+        sft_logits = merged(**inputs).logits
+        for name, param in policy.named_parameters():
+            if "lora_B.default" in name:
+                param.fill_(0.05)  # as if trained
+        trained_logits = policy(**inputs).logits
+        with reference_policy(policy):
+            reference_logits = policy(**inputs).logits
+        assert torch.equal(policy(**inputs).logits, trained_logits)  # both adapters back on
+    torch.testing.assert_close(reference_logits, sft_logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(trained_logits, sft_logits)
+    assert {name for name, p in policy.named_parameters() if p.requires_grad} == trainable
+
+    trainer = PPOTrainer(policy, ValueHead(32), tokenizer, avoid_insults, PPOSettings(batch_size=4),
+                         GenerationSettings(min_new_tokens=2, max_new_tokens=4), "cpu")
+    trainer.save(tmp_path / "ppo")
+    saved = json.loads((tmp_path / "ppo" / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 8  # the PPO adapter alone, at the folder's top level
+    assert not (tmp_path / "ppo" / "adapter" / "sft").exists()
