@@ -93,7 +93,9 @@ class LoraSettings(_Section):
 
     r: int = Field(32, gt=0, description="Rank of the low-rank update.")
     alpha: int = Field(32, gt=0, description="Scaling numerator (update scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    dropout: float = Field(
+        0.05, ge=0, lt=1, description="Dropout on the LoRA input, kept in the saved adapter; PPO runs with dropout off."
+    )
     target_modules: list[str] | None = Field(
         None,
         min_length=1,
@@ -141,6 +143,9 @@ class PPOSettings(_Section):
     kl_ceiling: float = Field(60.0, gt=0, description="Training stops as failed when mean KL exceeds this.")
     missing_eos_penalty: float | None = Field(
         None, ge=0, description="Subtracted from the score of responses that end without EOS; None: no penalty."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a third more compute."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     value_head_init_std: float = Field(0.0, ge=0, description="Std of the value head's initial weights.")
@@ -247,7 +252,7 @@ def _demo_defaults() -> dict[str, Any]:
         # Tuned on the embedded default: the tiny policy needs a far larger step than FLAN-T5.
         "ppo": {
             "learning_rate": 1e-3,
-            "steps": 40,
+            "steps": 70,
             "batch_size": 16,
             "mini_batch_size": 8,
             "ppo_epochs": 4,

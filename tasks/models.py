@@ -8,8 +8,7 @@ config turns it on. A name is either a local folder or a Hugging Face Hub reposi
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,8 +20,13 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    GenerationConfig,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_outputs import BaseModelOutput
 
 from tasks.config import GenerationSettings
 
@@ -181,6 +185,7 @@ def pad_prompts(
     return ids.to(device), mask.to(device)
 
 
+@torch.inference_mode()
 def sample(
     model,
     input_ids: torch.Tensor,
@@ -188,47 +193,81 @@ def sample(
     generation: GenerationSettings,
     max_new_tokens: int,
     tokens: SpecialTokens,
+    length_budget: torch.Tensor | None = None,
+    encoder_hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One batched ``generate``: pure sampling from softmax(logits / temperature), filtered
-    only by ``top_k``/``top_p`` — the distribution PPO's log-probs describe.
+    """Batched sampling from softmax(logits / temperature), filtered only by ``top_k``/``top_p``:
+    the distribution whose log-probs PPO computes. Nothing from the checkpoint's
+    ``generation_config`` (repetition penalties, forced tokens, ...) takes part.
 
-    Returns the sampled response tokens only, [B, T]: without a seq2seq decoder's start
-    token, without a causal policy's prompt; rows that ended early are padded.
+    One decoding loop for the whole batch with a key/value cache; the prompt is encoded
+    once (or not at all when a seq2seq caller passes its ``encoder_hidden``). A row retires
+    as soon as it samples EOS or reaches its own length budget (``length_budget[i]``,
+    default ``max_new_tokens``) and is dropped from the batch, so no compute goes to
+    finished rows. Returns the response tokens, [B, T] with ``T`` the
+    longest response: no decoder start token, no prompt; EOS kept; pad after the end.
     """
-    config = GenerationConfig(
-        do_sample=True,
-        top_k=generation.top_k,
-        top_p=generation.top_p,
-        temperature=generation.temperature,
-        max_new_tokens=max_new_tokens,
-        num_beams=1,
-        **_token_settings(tokens),
-    )
-    with _only_these_settings(model, tokens):
-        output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    return output[:, 1:] if tokens.is_encoder_decoder else output[:, input_ids.shape[1] :]
-
-
-def _token_settings(tokens: SpecialTokens) -> dict[str, int]:
-    settings = {"eos_token_id": tokens.eos, "pad_token_id": tokens.pad}
+    device = input_ids.device
+    batch_size = input_ids.shape[0]
+    if length_budget is None:
+        length_budget = torch.full((batch_size,), max_new_tokens, dtype=torch.long)
+    budget = length_budget.to(device)
+    width = int(budget.max())
+    warpers = _sampling_warpers(generation)
+    responses = torch.full((batch_size, width), tokens.pad, dtype=torch.long, device=device)
+    rows = torch.arange(batch_size, device=device)  # which original row each active row is
+    mask = attention_mask
     if tokens.is_encoder_decoder:
-        settings["decoder_start_token_id"] = tokens.decoder_start
-    return settings
+        if encoder_hidden is None:
+            encoder_hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        cache: Cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        step_ids = torch.full((batch_size, 1), tokens.decoder_start, dtype=torch.long, device=device)
+    else:
+        cache = DynamicCache()
+        step_ids = input_ids
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate() counts them
+    for step in range(width):
+        if tokens.is_encoder_decoder:
+            output = model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden), attention_mask=mask,
+                decoder_input_ids=step_ids, past_key_values=cache, use_cache=True,
+            )
+        else:
+            output = model(
+                input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1,
+            )
+        scores = warpers(step_ids, output.logits[:, -1].float())
+        next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        responses[rows, step] = next_tokens
+        finished = (next_tokens == tokens.eos) | (budget[rows] <= step + 1)
+        if bool(finished.all()):
+            return responses[:, : step + 1]
+        if bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(1)
+            rows, next_tokens, mask = rows[keep], next_tokens[keep], mask[keep]
+            cache.batch_select_indices(keep)
+            if tokens.is_encoder_decoder:
+                encoder_hidden = encoder_hidden[keep]
+            else:
+                positions = positions[keep]
+        step_ids = next_tokens[:, None]
+        if not tokens.is_encoder_decoder:
+            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+            positions = positions[:, -1:] + 1
+    return responses
 
 
-@contextmanager
-def _only_these_settings(model, tokens: SpecialTokens) -> Iterator[None]:
-    # generate() fills every unset field from the checkpoint's generation_config.json
-    # (no_repeat_ngram_size, repetition_penalty, forced_eos_token_id, ...). Any of those
-    # would sample from a distribution other than the one whose log-probs PPO uses, so
-    # the checkpoint's config is swapped out for the duration of the call.
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved = target.generation_config
-    target.generation_config = GenerationConfig(**_token_settings(tokens))
-    try:
-        yield
-    finally:
-        target.generation_config = saved
+def _sampling_warpers(generation: GenerationSettings) -> LogitsProcessorList:
+    """generate()'s own warpers, in its order, for the settings that are not a no-op."""
+    warpers = LogitsProcessorList()
+    if generation.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(generation.temperature))
+    if generation.top_k > 0:
+        warpers.append(TopKLogitsWarper(generation.top_k))
+    if generation.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(generation.top_p))
+    return warpers
 
 
 class RewardModel:

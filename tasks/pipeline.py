@@ -193,6 +193,8 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         logger.info("ppo_train resumes after step %d of %d", trainer.steps_done, config.ppo.steps)
+        # The previous attempt may have died between writing the checkpoint and logging its steps.
+        tracking.log_step_history(run_id, trainer.history, "ppo/")
     tracking.set_tags(run_id, {"ppo.resumed_from_step": trainer.steps_done})
 
     def on_checkpoint(path: Path) -> None:

@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.modeling_outputs import BaseModelOutput
 
 from tasks.config import GenerationSettings, LoraSettings, PPOSettings
 from tasks.fsutil import replace_dir
@@ -419,6 +420,18 @@ def reference_policy(policy: PeftModel) -> Iterator[None]:
         _activate_policy_adapters(policy)
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off for good, whatever the mode: ``nn.Dropout`` modules (LoRA's included) and the
+    probabilities attention layers pass to functional dropout (T5's ``dropout``, Llama's
+    ``attention_dropout``)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("dropout", "attention_dropout", "dropout_rate"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
 def _is_quantized(model: nn.Module) -> bool:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base, "hf_quantizer", None) is not None
@@ -460,8 +473,10 @@ class PPOTrainer:
 
     ``reward_fn`` maps decoded responses to one score each (a [B] tensor). The reference
     policy is ``policy`` with its PPO adapter switched off (:func:`reference_policy`).
-    Dropout is off throughout (the model stays in eval mode), so the first mini-batch's
-    ratio is exactly 1 (Huang et al.).
+    The policy stays in eval mode and its dropout modules (LoRA's included) are switched
+    off, so the first mini-batch's ratio is exactly 1 (Huang et al.). With
+    ``ppo.gradient_checkpointing`` the update runs in train mode, the only mode in which
+    transformers checkpoints; dropout stays off.
     """
 
     def __init__(
@@ -483,6 +498,10 @@ class PPOTrainer:
         self.generation = generation
 
         self.tokens = special_tokens(policy, tokenizer)
+        disable_dropout(self.policy)
+        if ppo.gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         adapter_params = [p for p in policy.parameters() if p.requires_grad]
         if not adapter_params:
@@ -512,12 +531,17 @@ class PPOTrainer:
         return (positions[None, :] < length[:, None]).float()
 
     def _logits_and_states(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        encoder_hidden: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Under teacher forcing: for each response token, the logits that predict it and the last
         hidden state they come from, [B, T, V] and [B, T, H].
 
-        Seq2seq: the decoder reads ``[start, r_0 .. r_{T-2}]``. Causal: the model reads the
+        Seq2seq: the decoder reads ``[start, r_0 .. r_{T-2}]``; ``encoder_hidden``, when given,
+        is this policy's encoding of the prompts and saves encoding them again. Causal: the model reads the
         left-padded prompt followed by the response, and response token ``t`` is predicted at
         column ``P - 1 + t``; positions count only real tokens, as ``generate`` counts them.
         Either way the model is causal over the response, so the padding after a response's
@@ -525,11 +549,17 @@ class PPOTrainer:
         """
         if self.tokens.is_encoder_decoder:
             start = torch.full_like(response_ids[:, :1], self.tokens.decoder_start)
+            prompt = (
+                {"input_ids": prompt_ids}
+                if encoder_hidden is None
+                else {"encoder_outputs": BaseModelOutput(last_hidden_state=encoder_hidden)}
+            )
             output = self.policy(
-                input_ids=prompt_ids,
+                **prompt,
                 attention_mask=prompt_mask,
                 decoder_input_ids=torch.cat([start, response_ids[:, :-1]], dim=1),
                 output_hidden_states=True,
+                use_cache=False,
             )
             return output.logits, output.decoder_hidden_states[-1]
         prompt_length, response_length = prompt_ids.shape[1], response_ids.shape[1]
@@ -539,6 +569,7 @@ class PPOTrainer:
             attention_mask=attention_mask,
             position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
             output_hidden_states=True,
+            use_cache=False,
             logits_to_keep=response_length + 1,  # no vocabulary-wide logits over the prompt
         )
         return output.logits[:, :-1], output.hidden_states[-1][:, prompt_length - 1 : -1]
@@ -549,9 +580,10 @@ class PPOTrainer:
         prompt_mask: torch.Tensor,
         response_ids: torch.Tensor,
         with_entropy: bool = False,
+        encoder_hidden: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Log-probs of ``response_ids`` under teacher forcing, the values, optionally the entropy."""
-        logits, hidden = self._logits_and_states(prompt_ids, prompt_mask, response_ids)
+        logits, hidden = self._logits_and_states(prompt_ids, prompt_mask, response_ids, encoder_hidden)
         # Log-probs of the distribution that was sampled: logits / temperature (Huang et al.).
         all_logprobs = F.log_softmax(logits.float() / self.generation.temperature, dim=-1)
         logprobs = torch.gather(all_logprobs, 2, response_ids.unsqueeze(-1)).squeeze(-1)
@@ -572,9 +604,8 @@ class PPOTrainer:
         log-probs.
 
         Each sample gets its own length budget in [min_new_tokens, max_new_tokens] (the seeds'
-        LengthSampler) without a per-sample ``generate``: the batch samples up to the largest
-        budget and each response is cut at its own. Sampling is autoregressive, so a response
-        cut at ``n`` tokens has exactly the distribution of one generated with ``n`` as limit.
+        LengthSampler) without a per-sample ``generate``: the batch decodes together and each
+        row leaves the batch at its EOS or its budget (:func:`tasks.models.sample`).
         """
         self.policy.eval()
         self.value_head.eval()
@@ -586,11 +617,20 @@ class PPOTrainer:
             (batch_size,),
             generator=self.generator,
         )
-        with torch.inference_mode():
-            sampled = sample(
-                self.policy, prompt_ids, prompt_mask, self.generation, int(length_budget.max()), self.tokens
-            )
-        # A normal tensor again: inference tensors cannot take part in the training forward pass.
+        # The prompts are encoded once, for the sampler and for the policy's log-probs below
+        # (the reference, whose encoder lacks the PPO adapter, encodes them for itself).
+        encoder_hidden = None
+        if self.tokens.is_encoder_decoder:
+            with torch.no_grad():
+                encoder_hidden = self.policy.get_encoder()(
+                    input_ids=prompt_ids, attention_mask=prompt_mask
+                ).last_hidden_state
+        sampled = sample(
+            self.policy, prompt_ids, prompt_mask, self.generation, int(length_budget.max()), self.tokens,
+            length_budget, encoder_hidden,
+        )
+        # A normal tensor again: the sampler runs in inference mode, and inference tensors
+        # cannot take part in the training forward pass.
         response_ids = sampled.clone()
         response_mask = self._response_mask(response_ids, length_budget)
         response_ids = response_ids.masked_fill(response_mask == 0, self.tokens.pad)
@@ -613,7 +653,8 @@ class PPOTrainer:
             for start in range(0, batch_size, self.ppo.mini_batch_size):
                 rows = slice(start, start + self.ppo.mini_batch_size)
                 args = (prompt_ids[rows], prompt_mask[rows], response_ids[rows])
-                logprobs, values, entropy = self._forward(*args, with_entropy=True)
+                encoded = encoder_hidden[rows] if encoder_hidden is not None else None
+                logprobs, values, entropy = self._forward(*args, with_entropy=True, encoder_hidden=encoded)
                 with reference_policy(self.policy):
                     ref_logprobs, _, _ = self._forward(*args)
                 chunks.append((logprobs, ref_logprobs, values, entropy))
@@ -665,8 +706,8 @@ class PPOTrainer:
         advantages = whiten(advantages, mask)
 
         # Optimise: ppo_epochs passes over shuffled mini-batches, each one optimizer step made of
-        # gradient_accumulation_steps micro-batches. The model stays in eval mode so dropout
-        # does not make the first ratio differ from 1.
+        # gradient_accumulation_steps micro-batches.
+        self.policy.train(ppo.gradient_checkpointing)
         losses: dict[str, list[float]] = {
             "policy_loss": [],
             "value_loss": [],
@@ -705,6 +746,7 @@ class PPOTrainer:
                     losses["value_clipfrac"].append(vf_clipfrac.item())
                 nn.utils.clip_grad_norm_(self.trainable_params, ppo.max_grad_norm)
                 self.optimizer.step()
+        self.policy.eval()
 
         self.kl_ctl.update(mean_kl, batch_size)
         self.steps_done += 1

@@ -24,13 +24,54 @@ def embedded(detox_home):
 
 @pytest.fixture(scope="session")
 def demo(detox_home, embedded):
-    """The demo's world for end-to-end tests: environment, S3 on loopback with the adapter, SQLite stores."""
+    """The demo's world for end-to-end tests: environment, S3 on loopback with the T5 and the
+    tiny Llama SFT adapters, SQLite stores."""
     from tasks.demo import demo_services
 
     saved = dict(os.environ)
     try:
-        with demo_services(detox_home) as paths:
+        with demo_services(detox_home, causal=True) as paths:
             yield paths
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+class SamplingSpy:
+    """Records the logits of every decoding step that :func:`tasks.models.sample` runs on ``model``."""
+
+    def __init__(self, model):
+        self.steps: list = []
+        self.batch_sizes: list[int] = []
+        real_forward = model.forward
+
+        def forward(*args, **kwargs):
+            output = real_forward(*args, **kwargs)
+            if kwargs.get("use_cache"):  # the sampler's calls; the trainer's forward passes use no cache
+                self.steps.append(output.logits[:, -1].detach().float())
+                self.batch_sizes.append(output.logits.shape[0])
+            return output
+
+        model.forward = forward
+
+    def logprobs(self, response_ids, lengths, temperature: float):
+        """Log-prob of each sampled token under the distribution it was drawn from, [B, T].
+
+        A row takes part in step ``t`` while ``t < lengths[row]``, in row order: the sampler
+        drops rows as they finish.
+        """
+        import torch
+
+        result = torch.zeros(response_ids.shape)
+        for step, logits in enumerate(self.steps):
+            active = [row for row in range(response_ids.shape[0]) if step < lengths[row]]
+            assert len(active) == logits.shape[0], (step, len(active), logits.shape)
+            logprobs = torch.log_softmax(logits / temperature, dim=-1)
+            for position, row in enumerate(active):
+                result[row, step] = logprobs[position, response_ids[row, step]]
+        return result
+
+
+@pytest.fixture
+def sampling_spy():
+    return SamplingSpy

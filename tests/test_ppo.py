@@ -315,7 +315,7 @@ def test_reference_equals_policy_before_any_update(insulting_t5_state, prompts):
     assert metrics["kl_coef"] == pytest.approx(0.05)
 
 
-def test_rollout_is_one_batched_generate_with_masks_up_to_eos(insulting_t5_state, prompts):
+def test_rollout_is_one_batched_decode_with_masks_up_to_eos(insulting_t5_state, prompts, sampling_spy):
     reward_batches: list[list[str]] = []
 
     def recording_reward(texts: list[str]) -> torch.Tensor:
@@ -327,17 +327,9 @@ def test_rollout_is_one_batched_generate_with_masks_up_to_eos(insulting_t5_state
     trainer.policy.get_base_model().generation_config.no_repeat_ngram_size = 1
     trainer.policy.get_base_model().generation_config.repetition_penalty = 3.0
     trainer.generation.temperature = 0.7
-    real_generate, calls = trainer.policy.generate, []
-
-    def spy_generate(**kwargs):
-        out = real_generate(**kwargs, output_scores=True, return_dict_in_generate=True)
-        calls.append((kwargs["input_ids"].shape[0], torch.stack(out.scores, dim=1)))
-        return out.sequences
-
-    trainer.policy.generate = spy_generate
+    spy = sampling_spy(trainer.policy)
     rollout = trainer.rollout(prompts[:16])
 
-    assert len(calls) == 1 and calls[0][0] == 16  # one generate call for the batch
     assert len(reward_batches) == 1 and reward_batches[0] == rollout.texts  # one reward call
     budget = rollout.length_budget
     assert budget.min() >= 6 and budget.max() <= 10
@@ -354,12 +346,12 @@ def test_rollout_is_one_batched_generate_with_masks_up_to_eos(insulting_t5_state
         assert rollout.texts[row] == trainer.tokenizer.decode(ids[row, :length], skip_special_tokens=True)
     assert any(lengths < budget), "the tiny model should end some responses with EOS"
 
-    # PPO's log-probs are those of the distribution generate() sampled from.
-    sampled_logprobs = torch.log_softmax(calls[0][1], dim=-1)[:, : ids.shape[1]]
-    sampled_logprobs = sampled_logprobs.gather(2, ids.unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(
-        sampled_logprobs[mask.bool()], rollout.logprobs[mask.bool()], atol=1e-4, rtol=1e-4
-    )
+    # One decoding loop for the batch: a step per token of the longest response, finished rows dropped.
+    assert len(spy.steps) == int(lengths.max()) and spy.batch_sizes[0] == 16
+    assert spy.batch_sizes == sorted(spy.batch_sizes, reverse=True) and spy.batch_sizes[-1] < 16
+    # PPO's log-probs are those of the distribution the sampler drew from.
+    sampled = spy.logprobs(ids, lengths.tolist(), temperature=0.7)
+    torch.testing.assert_close(sampled[mask.bool()], rollout.logprobs[mask.bool()], atol=1e-4, rtol=1e-4)
 
 
 def test_training_makes_the_policy_stop_insulting(insulting_t5_state, prompts):
@@ -625,3 +617,18 @@ def test_a_frozen_sft_adapter_stays_frozen_and_is_the_reference(tmp_path, insult
     saved = json.loads((tmp_path / "ppo" / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 8  # the PPO adapter alone, at the folder's top level
     assert not (tmp_path / "ppo" / "adapter" / "sft").exists()
+
+
+def test_gradient_checkpointing_changes_memory_not_the_result(insulting_t5_state, prompts):
+    def two_steps(**overrides):
+        trainer = make_trainer(insulting_t5_state, **overrides)
+        history = trainer.train(prompts, total_steps=2)
+        assert not trainer.policy.training  # back in eval mode after the update
+        return history, [p.detach().clone() for p in trainer.policy.parameters() if p.requires_grad]
+
+    plain, plain_weights = two_steps()
+    checkpointed, checkpointed_weights = two_steps(gradient_checkpointing=True)
+    for got, want in zip(checkpointed, plain, strict=True):
+        assert got["policy_loss"] == pytest.approx(want["policy_loss"], rel=1e-4, abs=1e-6)
+    for got, want in zip(checkpointed_weights, plain_weights, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -109,22 +109,18 @@ def test_prompts_are_left_padded_with_eos_for_a_causal_policy(insulting_llama_st
     assert mask.tolist() == [[1, 1, 1], [0, 1, 1]]
 
 
-def test_rollout_logprobs_are_those_generate_sampled_from_and_ignore_the_padding(insulting_llama_state, prompts):
+def test_rollout_logprobs_are_those_sampled_from_and_ignore_the_padding(
+    insulting_llama_state, prompts, sampling_spy
+):
     trainer = make_trainer(insulting_llama_state)
-    real_generate, calls = trainer.policy.generate, []
-
-    def spy_generate(**kwargs):
-        out = real_generate(**kwargs, output_scores=True, return_dict_in_generate=True)
-        calls.append(torch.stack(out.scores, dim=1))
-        return out.sequences
-
-    trainer.policy.generate = spy_generate
+    spy = sampling_spy(trainer.policy)
     rollout = trainer.rollout(prompts[:16])
-    assert len(calls) == 1  # one generate for the batch
     ids, mask = rollout.response_ids, rollout.response_mask
+    lengths = mask.sum(1).long()
     assert len({len(p) for p in prompts[:16]}) > 1  # the batch really is left-padded
-    assert any(rollout.ended) and bool((mask.sum(1) <= rollout.length_budget).all())
-    sampled = torch.log_softmax(calls[0], dim=-1)[:, : ids.shape[1]].gather(2, ids.unsqueeze(-1)).squeeze(-1)
+    assert any(rollout.ended) and bool((lengths <= rollout.length_budget).all())
+    assert len(spy.steps) == int(lengths.max()) and spy.batch_sizes[0] == 16  # one decoding loop
+    sampled = spy.logprobs(ids, lengths.tolist(), temperature=1.0)
     torch.testing.assert_close(sampled[mask.bool()], rollout.logprobs[mask.bool()], atol=1e-4, rtol=1e-4)
 
     # The prompt is context only: a sample scored alone gives the same log-probs and values
