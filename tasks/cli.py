@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--engine", choices=["airflow", "local"], default="airflow",
                       help="airflow: `airflow dags test` on SQLite; local: the same steps in this process")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
+    demo.add_argument("--family", choices=["seq2seq", "causal"], default="seq2seq",
+                      help="seq2seq: the embedded T5 (FLAN-T5's family); causal: the embedded tiny Llama")
 
     build = commands.add_parser("build-embedded", help="build the embedded default's data set and models")
     build.add_argument("--seed", type=int, default=0)
@@ -100,7 +102,7 @@ def _dispatch(args: argparse.Namespace) -> dict | None:
     if args.command == "demo":
         from tasks.demo import run_demo
 
-        report = run_demo(engine=args.engine, overrides=parse_overrides(args.set))
+        report = run_demo(engine=args.engine, overrides=parse_overrides(args.set), family=args.family)
         print(format_report(report))
         return None
     if args.command == "build-embedded":

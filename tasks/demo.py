@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tasks import tracking
 from tasks.config import RunConfig, detox_home
-from tasks.embedded import EmbeddedPaths, build_embedded_default
+from tasks.embedded import EmbeddedPaths, build_embedded_causal, build_embedded_default, causal_paths
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,12 @@ def demo_environment(home: Path) -> dict[str, str]:
 
 
 @contextmanager
-def demo_services(home: Path | None = None) -> Iterator[EmbeddedPaths]:
-    """The demo's world: environment set, embedded default built, S3 on loopback holding the adapter."""
+def demo_services(home: Path | None = None, causal: bool = False) -> Iterator[EmbeddedPaths]:
+    """The demo's world: environment set, embedded default built, S3 on loopback holding the adapter.
+
+    With ``causal`` the tiny Llama policy is built too and its SFT adapter uploaded to
+    :data:`CAUSAL_ADAPTER_URI` (see :func:`causal_overrides`).
+    """
     from tasks.local_s3 import LocalS3Server
     from tasks.storage import s3_client, upload_directory
 
@@ -56,18 +60,42 @@ def demo_services(home: Path | None = None) -> Iterator[EmbeddedPaths]:
     os.environ.update(demo_environment(home))
     (home / "airflow").mkdir(parents=True, exist_ok=True)
     embedded = build_embedded_default(home)
-    adapter_uri = RunConfig.for_profile("demo").model.sft_adapter_uri
+    adapters = {RunConfig.for_profile("demo").model.sft_adapter_uri: embedded.sft_adapter}
+    if causal:
+        adapters[CAUSAL_ADAPTER_URI] = build_embedded_causal(home).sft_adapter
     with LocalS3Server() as s3:
         os.environ.update(s3.env())
-        upload_directory(embedded.sft_adapter, adapter_uri, client=s3_client(s3.endpoint_url))
-        logger.info("SFT adapter uploaded to %s on %s", adapter_uri, s3.endpoint_url)
+        for adapter_uri, adapter_dir in adapters.items():
+            upload_directory(adapter_dir, adapter_uri, client=s3_client(s3.endpoint_url))
+            logger.info("SFT adapter uploaded to %s on %s", adapter_uri, s3.endpoint_url)
         yield embedded
 
 
-def run_demo(engine: str = "airflow", overrides: dict | None = None, home: Path | None = None) -> dict:
-    """Build the embedded default, run the pipeline, and return what the run produced."""
-    with demo_services(home):
-        return run_pipeline(engine, overrides)
+CAUSAL_ADAPTER_URI = "s3://detox-demo/adapters/policy-causal-sft"
+
+
+def causal_overrides(home: Path | None = None) -> dict:
+    """Demo overrides that swap the T5 policy for the embedded tiny Llama (the TinyLlama seed's family)."""
+    return {
+        "model.policy_name": str(causal_paths(home).policy_base),
+        "model.sft_adapter_uri": CAUSAL_ADAPTER_URI,
+        "registered_model_name": "detox-summarizer-causal-demo",
+    }
+
+
+def run_demo(
+    engine: str = "airflow", overrides: dict | None = None, home: Path | None = None, family: str = "seq2seq"
+) -> dict:
+    """Build the embedded default, run the pipeline, and return what the run produced.
+
+    ``family="causal"`` runs the chain on the embedded tiny Llama instead of the T5.
+    """
+    if family not in ("seq2seq", "causal"):
+        raise ValueError(f"unknown policy family {family!r}: expected 'seq2seq' or 'causal'")
+    causal = family == "causal"
+    with demo_services(home, causal=causal):
+        merged = {**(causal_overrides(home) if causal else {}), **(overrides or {})}
+        return run_pipeline(engine, merged)
 
 
 def run_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict:

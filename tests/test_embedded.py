@@ -275,3 +275,18 @@ def test_manifest_records_the_checks_measured_at_build_time(embedded):
     checks = manifest["checks"]
     assert checks["sampled_insult_share_heated"] > checks["sampled_insult_share_calm"] + 0.4
     assert checks["classifier_accuracy"] > 0.97
+
+
+def test_causal_policy_is_a_llama_whose_sft_adapter_insults_heated_dialogues(detox_home, embedded):
+    from tasks.embedded import build_embedded_causal
+
+    paths = build_embedded_causal(detox_home)
+    assert json.loads((paths.policy_base / "config.json").read_text())["model_type"] == "llama"
+    adapter = json.loads((paths.sft_adapter / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(paths.policy_base)
+    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    assert (paths.sft_adapter / "adapter_model.safetensors").exists()
+    checks = json.loads(paths.manifest.read_text())["checks"]  # sampled on dialogues no model saw
+    assert checks["sampled_insult_share_heated"] > 0.5
+    assert checks["sampled_insult_share_calm"] < 0.15
+    assert build_embedded_causal(detox_home) == paths  # a complete build is reused

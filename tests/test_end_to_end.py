@@ -9,7 +9,7 @@ import pytest
 
 from tasks import tracking
 from tasks.config import RunConfig
-from tasks.demo import run_pipeline
+from tasks.demo import causal_overrides, run_pipeline
 from tasks.storage import AdapterDownloadError
 
 pytestmark = pytest.mark.slow
@@ -66,3 +66,16 @@ def test_missing_adapter_in_s3_is_a_clear_error(demo):
     with pytest.raises(AdapterDownloadError, match="no adapter found at s3://detox-demo/adapters/does-not-exist"):
         pipeline.download_adapter(config, pipeline.StepContext(run_key="missing-adapter"))
     assert not config.run_dir("missing-adapter").joinpath("adapters", "sft").exists()
+
+
+def test_causal_policy_runs_the_same_chain(demo, detox_home):
+    """The TinyLlama seed's family: the embedded tiny Llama through the same DAG."""
+    report = run_pipeline("airflow", causal_overrides(detox_home))
+
+    assert report["toxicity_after"] < 0.8 * report["toxicity_before"]
+    assert report["rouge_l_after"] >= 0.9 * report["rouge_l_before"]
+    assert report["decision"] == "promote"
+    name = causal_overrides(detox_home)["registered_model_name"]
+    assert report["model_uri"] == f"models:/{name}@champion"
+    ppo_steps = [m.step for m in tracking.client().get_metric_history(report["mlflow_run_id"], "ppo/kl")]
+    assert sorted(ppo_steps) == list(range(RunConfig.for_profile("demo").ppo.steps))
