@@ -632,3 +632,4 @@ def test_gradient_checkpointing_changes_memory_not_the_result(insulting_t5_state
         assert got["policy_loss"] == pytest.approx(want["policy_loss"], rel=1e-4, abs=1e-6)
     for got, want in zip(checkpointed_weights, plain_weights, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
