@@ -434,7 +434,8 @@ def test_empty_prompts_are_rejected(insulting_t5_state):
         trainer.rollout([[5, 1], []])
 
 
-def test_build_policy_merges_sft_and_the_reference_is_the_sft_model(tmp_path, insulting_t5_state, prompts):
+def save_base_and_sft(tmp_path) -> PeftModel:
+    """A tiny T5 in ``base/`` and an SFT adapter with a random non-zero update in ``sft/``."""
     torch.manual_seed(0)
     base = T5ForConditionalGeneration(tiny_t5_config())
     base.save_pretrained(tmp_path / "base")
@@ -442,8 +443,13 @@ def test_build_policy_merges_sft_and_the_reference_is_the_sft_model(tmp_path, in
     sft_lora = LoraConfig(
         task_type=TaskType.SEQ_2_SEQ_LM, r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False
     )
-    sft = get_peft_model(base, sft_lora)  # random non-zero update: merging it must change the outputs
+    sft = get_peft_model(base, sft_lora)  # merging a non-zero update must change the outputs
     sft.save_pretrained(tmp_path / "sft")
+    return sft
+
+
+def test_build_policy_merges_sft_and_the_reference_is_the_sft_model(tmp_path, insulting_t5_state, prompts):
+    sft = save_base_and_sft(tmp_path)
     inputs = {
         "input_ids": torch.tensor([prompts[0]]),
         "decoder_input_ids": torch.tensor([[0, 5, 9, 12]]),
@@ -580,14 +586,7 @@ def test_missing_eos_penalty_lowers_only_the_scores_of_unfinished_responses(insu
 
 def test_a_frozen_sft_adapter_stays_frozen_and_is_the_reference(tmp_path, insulting_t5_state, prompts):
     """The 4-bit (QLoRA) layout, on CPU without quantization: SFT as a frozen adapter, PPO's on top."""
-    torch.manual_seed(0)
-    base = T5ForConditionalGeneration(tiny_t5_config())
-    base.save_pretrained(tmp_path / "base")
-    tiny_tokenizer().save_pretrained(tmp_path / "base")
-    sft_lora = LoraConfig(
-        task_type=TaskType.SEQ_2_SEQ_LM, r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False
-    )
-    get_peft_model(base, sft_lora).save_pretrained(tmp_path / "sft")
+    save_base_and_sft(tmp_path)
     lora = LoraSettings(r=8, alpha=16, dropout=0.0)
     merged, _ = build_policy(str(tmp_path / "base"), tmp_path / "sft", lora, "cpu")
     policy, tokenizer = build_policy(str(tmp_path / "base"), tmp_path / "sft", lora, "cpu", merge_sft=False)
