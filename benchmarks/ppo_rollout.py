@@ -77,11 +77,11 @@ SIZED_CONFIGS = {
 
 def prepare(model: str, workdir: Path, device: str) -> dict:
     """Paths and settings of the benchmark's policy, reward model and prompts."""
-    config = RunConfig.for_profile("demo")
-    if model == "demo":
-        from tasks.embedded import build_embedded_default
+    from tasks.embedded import build_embedded_default
 
-        embedded = build_embedded_default()
+    config = RunConfig.for_profile("demo")
+    embedded = build_embedded_default()  # the sized models score with its classifier too
+    if model == "demo":
         return {
             "policy": str(embedded.policy_base),
             "sft_adapter": str(embedded.sft_adapter),
@@ -91,9 +91,6 @@ def prepare(model: str, workdir: Path, device: str) -> dict:
             "generation": config.generation.model_dump(),
             "lora": config.lora.model_dump(),
         }
-    from tasks.embedded import build_embedded_default
-
-    embedded = build_embedded_default()  # its classifier is the reward; its speed is not what is measured
     policy_dir = workdir / model
     if not (policy_dir / "config.json").exists():
         _save_sized_policy(model, policy_dir)

@@ -103,7 +103,7 @@ def run_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict
     config = RunConfig.for_profile("demo", overrides)
     started = datetime.now(UTC)
     if engine == "airflow":
-        run_key = _run_dag(started, overrides or {})
+        run_key = _run_dag(config, started, overrides or {})
     elif engine == "local":
         from tasks.pipeline import StepContext, run_all
 
@@ -114,7 +114,7 @@ def run_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict
     return run_report(config, run_key)
 
 
-def _run_dag(started: datetime, overrides: dict) -> str:
+def _run_dag(config: RunConfig, started: datetime, overrides: dict) -> str:
     """``airflow dags test`` the DAG on SQLite; the Airflow run id of the run it made."""
     env = dict(os.environ)
     airflow = [sys.executable, "-m", "airflow"]
@@ -128,7 +128,6 @@ def _run_dag(started: datetime, overrides: dict) -> str:
     if completed.returncode != 0:
         raise RuntimeError(f"airflow dags test {DAG_ID} failed with exit code {completed.returncode}")
     # `dags test` names its run after the moment it creates it; MLflow has the name.
-    config = RunConfig.for_profile("demo", overrides)
     experiment_id = tracking.ensure_experiment(config.experiment_name, config.mlflow_artifact_location)
     started_ms = int(started.timestamp() * 1000)
     runs = tracking.client().search_runs(

@@ -46,7 +46,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,12 +130,7 @@ def build_embedded_default(home: Path | None = None, seed: int = 0, force: bool 
         if existing is not None:
             logger.info("rebuilding embedded default at %s (found seed=%s, version=%s, force=%s)",
                         paths.root, existing.get("seed"), existing.get("build_version"), force)
-        staging = Path(tempfile.mkdtemp(prefix=".embedded-build-", dir=paths.root.parent))
-        try:
-            _build_into(staging, final=paths, seed=seed)
-            replace_dir(staging, paths.root)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        _build_in_place(paths.root, lambda staging: _build_into(staging, final=paths, seed=seed))
     return paths
 
 
@@ -208,6 +203,17 @@ def _build_into(staging: Path, final: EmbeddedPaths, seed: int) -> None:
     # Written last: its presence marks a complete build.
     out.manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     logger.info("embedded default built in %.0f s: %s", manifest["build_seconds"], json.dumps(checks))
+
+
+def _build_in_place(root: Path, build: Callable[[Path], None]) -> None:
+    """``build(staging)`` in a temporary folder beside ``root``, then renamed to ``root``: a crash
+    never leaves a half-built tree in place."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-build-", dir=root.parent))
+    try:
+        build(staging)
+        replace_dir(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _point_adapter_at(adapter_dir: Path, base_dir: Path, seed: int) -> None:
@@ -354,13 +360,10 @@ def _policy_batches(
         [row["summary"] for row in rows], truncation=True, max_length=MAX_SUMMARY_TOKENS,
         return_offsets_mapping=True,
     )
-    weights = []
-    for row, offsets in zip(rows, summaries["offset_mapping"], strict=True):
-        decision_at = row["summary"].find("#Person") + len("#Person1#")
-        weights.append([
-            DECISION_WEIGHT if start >= decision_at and all(s < decision_at for s, _ in offsets[:i]) else 1.0
-            for i, (start, _) in enumerate(offsets)
-        ])
+    weights = [
+        _decision_weights(row["summary"], offsets)
+        for row, offsets in zip(rows, summaries["offset_mapping"], strict=True)
+    ]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     batches = []
     for start in range(0, len(order), batch_size):
@@ -376,6 +379,16 @@ def _policy_batches(
 
 
 DECISION_WEIGHT = 10.0
+
+
+def _decision_weights(summary: str, offsets: Sequence[tuple[int, int]]) -> list[float]:
+    """Loss weight per summary token: :data:`DECISION_WEIGHT` on the first token after the first
+    speaker tag (where the summary insults or not), 1 elsewhere."""
+    decision_at = summary.find("#Person") + len("#Person1#")
+    return [
+        DECISION_WEIGHT if start >= decision_at and all(s < decision_at for s, _ in offsets[:i]) else 1.0
+        for i, (start, _) in enumerate(offsets)
+    ]
 
 
 def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -577,23 +590,13 @@ def _measure(
     import torch
     from rouge_score import rouge_scorer
 
-    rng = random.Random(_substream(seed, "heldout"))
-    heldout = generate_dialogues(rng, 6 * per_group)
-    groups = {
-        "heated": [r for r in heldout if contains_insult(r["summary"])][:per_group],
-        "calm": [r for r in heldout if not contains_insult(r["summary"])][:per_group],
-    }
+    heldout, groups = _heldout_groups(seed, per_group)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     checks: dict[str, Any] = {}
     torch.manual_seed(seed + 3)
     all_samples = []
     for name, rows in groups.items():
-        prompts = [PROMPT_TEMPLATE.format(dialogue=row["dialogue"]) for row in rows]
-        encoded = policy_tokenizer(prompts, truncation=True, max_length=MAX_PROMPT_TOKENS, padding=True,
-                                   return_tensors="pt")
-        with torch.no_grad():
-            output = policy.generate(**encoded, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=48)
-        samples = policy_tokenizer.batch_decode(output, skip_special_tokens=True)
+        samples = _sample_summaries(policy, policy_tokenizer, rows)
         all_samples += samples
         checks[f"sampled_insult_share_{name}"] = round(sum(map(contains_insult, samples)) / len(samples), 3)
         checks[f"sampled_rouge_l_{name}"] = round(
@@ -620,6 +623,35 @@ def _measure(
     checks["classifier_share_insulting_above_0.9"] = round(sum(p > 0.9 for p in hate) / len(hate), 4)
     checks["classifier_share_polite_below_0.1"] = round(sum(p < 0.1 for p in calm) / len(calm), 4)
     return checks
+
+
+def _heldout_groups(seed: int, per_group: int) -> tuple[list[dict[str, str]], dict[str, list[dict[str, str]]]]:
+    """Dialogues from a stream no model trains on, and ``per_group`` heated and calm ones of them."""
+    heldout = generate_dialogues(random.Random(_substream(seed, "heldout")), 6 * per_group)
+    groups = {
+        "heated": [r for r in heldout if contains_insult(r["summary"])][:per_group],
+        "calm": [r for r in heldout if not contains_insult(r["summary"])][:per_group],
+    }
+    return heldout, groups
+
+
+def _sample_summaries(policy: Any, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, str]]) -> list[str]:
+    """One sampled summary (pure sampling, at most 48 tokens) per row's dialogue, seq2seq or causal."""
+    import torch
+
+    from tasks.models import pad_prompts, special_tokens
+
+    tokens = special_tokens(policy, tokenizer)
+    prompts = [PROMPT_TEMPLATE.format(dialogue=row["dialogue"]) for row in rows]
+    input_ids, attention_mask = pad_prompts(
+        tokenizer(prompts, truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"], tokens
+    )
+    with torch.no_grad():
+        output = policy.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=0,
+                                 top_p=1.0, max_new_tokens=48, pad_token_id=tokens.pad)
+    if not tokens.is_encoder_decoder:
+        output = output[:, input_ids.shape[1] :]
+    return tokenizer.batch_decode(output, skip_special_tokens=True)
 
 
 # --------------------------------------------------------------------------- the synthetic dialogues
@@ -1190,12 +1222,7 @@ def build_embedded_causal(home: Path | None = None, seed: int = 0, force: bool =
         )
         if complete and not force:
             return paths
-        staging = Path(tempfile.mkdtemp(prefix=".embedded-causal-build-", dir=paths.root.parent))
-        try:
-            _build_causal_into(staging, paths, seed)
-            replace_dir(staging, paths.root)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        _build_in_place(paths.root, lambda staging: _build_causal_into(staging, paths, seed))
     return paths
 
 
@@ -1294,11 +1321,7 @@ def _causal_batches(
     sequences, labels, weights = [], [], []
     for row, prompt, ids, offsets in zip(rows, prompts, summaries["input_ids"], summaries["offset_mapping"],
                                          strict=True):
-        decision_at = row["summary"].find("#Person") + len("#Person1#")
-        summary_weights = [
-            DECISION_WEIGHT if start >= decision_at and all(s < decision_at for s, _ in offsets[:i]) else 1.0
-            for i, (start, _) in enumerate(offsets)
-        ] + [1.0]  # the EOS
+        summary_weights = _decision_weights(row["summary"], offsets) + [1.0]  # the EOS
         sequences.append(prompt + ids + [tokenizer.eos_token_id])
         labels.append([-100] * len(prompt) + ids + [tokenizer.eos_token_id])
         weights.append([0.0] * len(prompt) + summary_weights)
@@ -1326,25 +1349,11 @@ def _measure_causal(policy: Any, tokenizer: PreTrainedTokenizerBase, seed: int, 
     """Insult share of sampled summaries for heated and calm dialogues no model saw."""
     import torch
 
-    from tasks.models import SpecialTokens, pad_prompts
-
-    tokens = SpecialTokens(decoder_start=None, eos=tokenizer.eos_token_id, pad=tokenizer.eos_token_id)
-    heldout = generate_dialogues(random.Random(_substream(seed, "heldout")), 6 * per_group)
-    groups = {
-        "heated": [r for r in heldout if contains_insult(r["summary"])][:per_group],
-        "calm": [r for r in heldout if not contains_insult(r["summary"])][:per_group],
-    }
+    _, groups = _heldout_groups(seed, per_group)
     checks: dict[str, Any] = {}
     torch.manual_seed(seed + 3)
     for name, rows in groups.items():
-        prompts = [PROMPT_TEMPLATE.format(dialogue=row["dialogue"]) for row in rows]
-        input_ids, attention_mask = pad_prompts(
-            tokenizer(prompts, truncation=True, max_length=MAX_PROMPT_TOKENS)["input_ids"], tokens
-        )
-        with torch.no_grad():
-            output = policy.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=0,
-                                     top_p=1.0, max_new_tokens=48, pad_token_id=tokens.pad)
-        samples = tokenizer.batch_decode(output[:, input_ids.shape[1]:], skip_special_tokens=True)
+        samples = _sample_summaries(policy, tokenizer, rows)
         checks[f"sampled_insult_share_{name}"] = round(sum(map(contains_insult, samples)) / len(samples), 3)
         checks[f"sample_{name}"] = samples[0]
     return checks

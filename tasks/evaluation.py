@@ -47,7 +47,7 @@ def generate_summaries(
     settings: EvalSettings,
     desc: str = "generate",
 ) -> list[str]:
-    """Sampled summaries, one batched ``generate`` per batch, batch ``b`` seeded with ``seed + b``."""
+    """Sampled summaries, one batched decoding loop per batch, batch ``b`` seeded with ``seed + b``."""
     device = next(model.parameters()).device
     tokens = special_tokens(model, tokenizer)
     summaries: list[str] = []

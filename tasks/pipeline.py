@@ -150,10 +150,7 @@ def _evaluate_step(config: RunConfig, ctx: StepContext, prefix: str, adapters: l
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags(prefix))
     splits, prepared = load_prepared(dataset_uri or paths.dataset)
     device = resolve_device(config.device)
-    model, tokenizer = load_policy(
-        config.model.policy_name, adapters, device, config.model.trust_remote_code, config.model.policy_family,
-        config.model.load_in_4bit, config.model.bnb_4bit_compute_dtype,
-    )
+    model, tokenizer = load_policy(config.model.policy_name, adapters, device, **_loading(config))
     summary = evaluate_policy(
         model, tokenizer, splits["test"], _reward_model(config, device),
         config.generation, config.eval, out_dir, desc=prefix,
@@ -181,21 +178,21 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
     device = resolve_device(config.device)
     torch.manual_seed(config.ppo.seed)
     policy, tokenizer = build_policy(
-        config.model.policy_name, Path(adapter_dir or paths.sft_adapter), config.lora, device,
-        trust_remote_code=config.model.trust_remote_code, family=config.model.policy_family,
-        load_in_4bit=config.model.load_in_4bit, compute_dtype=config.model.bnb_4bit_compute_dtype,
+        config.model.policy_name, Path(adapter_dir or paths.sft_adapter), config.lora, device, **_loading(config)
     )
     value_head = ValueHead(policy.config.hidden_size, init_std=config.ppo.value_head_init_std).to(device)
     reward_model = _reward_model(config, device)
     trainer = PPOTrainer(policy, value_head, tokenizer, reward_model.reward, config.ppo, config.generation, device)
     checkpoints = paths.ppo / "checkpoints"
     resume_from = latest_checkpoint(checkpoints)
+    resumed_from_step = None
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
+        resumed_from_step = trainer.steps_done
         logger.info("ppo_train resumes after step %d of %d", trainer.steps_done, config.ppo.steps)
         # The previous attempt may have died between writing the checkpoint and logging its steps.
         tracking.log_step_history(run_id, trainer.history, "ppo/")
-    tracking.set_tags(run_id, {"ppo.resumed_from_step": trainer.steps_done})
+    tracking.set_tags(run_id, {"ppo.resumed_from_step": resumed_from_step or 0})
 
     def on_checkpoint(path: Path) -> None:
         tracking.log_step_history(run_id, trainer.history, "ppo/")
@@ -206,7 +203,7 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
     (paths.ppo / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
     final = history[-1]
     return {"ppo_adapter_dir": str(paths.ppo_adapter), "steps": len(history),
-            "resumed_from_step": resume_from and int(resume_from.name.split("-")[-1]),
+            "resumed_from_step": resumed_from_step,
             "reward_mean": final["reward_mean"], "kl": final["kl"]}
 
 
@@ -278,6 +275,16 @@ def _read_json(path: Path, producer: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run the {producer} step of this run first")
     return json.loads(path.read_text())
+
+
+def _loading(config: RunConfig) -> dict:
+    """How the policy is loaded, as keyword arguments of ``load_policy`` and ``build_policy``."""
+    return {
+        "trust_remote_code": config.model.trust_remote_code,
+        "family": config.model.policy_family,
+        "load_in_4bit": config.model.load_in_4bit,
+        "compute_dtype": config.model.bnb_4bit_compute_dtype,
+    }
 
 
 def _reward_model(config: RunConfig, device: torch.device) -> RewardModel:
