@@ -18,16 +18,22 @@ the result only when it measurably is.
 1. **prepare_dataset** — DialogSum-style dialogues → "Summarize the following
    conversation" prompts, length-filtered (skipped rows counted), split, tokenized.
 2. **download_adapter** — the supervised LoRA adapter from S3, integrity-checked.
-3. **baseline_eval** — toxicity (P(hate) of the reward classifier on the summary)
-   and ROUGE-L of the SFT policy on the held-out prompts.
+3. **baseline_eval** — the SFT policy on the held-out prompts: toxicity (P(hate) of
+   the reward classifier on the summary), an independent judge, ROUGE-1/2/L.
 4. **ppo_train** — PPO with a fresh LoRA adapter and a value head; reward = the
    classifier's `nothate` logit; per-token KL penalty to the policy with the PPO
-   adapter disabled.
-5. **evaluate** — the candidate under the same prompts and sampling seeds.
-6. **promotion_check** — promote only if toxicity falls by the configured margin and
-   ROUGE-L stays within tolerance; the reasons are in the task log and in MLflow.
-7. **register_model** — merged model logged as an MLflow pyfunc, registered, alias
-   `champion` moved — or **skip_registration**, which logs why not.
+   adapter disabled. Resumes from its last checkpoint when retried.
+5. **evaluate** — the candidate under the same prompts, sampling seeds and scorers.
+6. **champion_eval** — the registered champion's metrics under this protocol: from its
+   version tags, or evaluated again when it was measured under another protocol.
+7. **promotion_check** — promote only if toxicity falls by the configured margin with
+   the paired bootstrap interval of the change below zero, ROUGE-L stays within
+   tolerance, the judge does not get worse, and the candidate beats the champion.
+8. **register_model** — merged model logged as an MLflow pyfunc, registered, alias
+   `champion` moved (the replaced one keeps `previous`) — or **skip_registration**,
+   which logs why not.
+9. **report** — HTML before/after table, PNG plots and a JSON summary as MLflow
+   artifacts under `report/`; the summary is printed in this task's log.
 
 Every step logs into one MLflow run named after this DAG run. Leave a form field
 empty to use the profile's default; `overrides` takes any other config field by its
@@ -98,11 +104,17 @@ def detox_retrain():
 
         return pipeline.evaluate(*_run(), data["dataset_uri"], adapter["adapter_dir"], ppo["ppo_adapter_dir"])
 
-    @task.branch
-    def promotion_check(baseline: dict, candidate: dict) -> str:
+    @task
+    def champion_eval(data: dict) -> dict:
         from tasks import pipeline
 
-        decision = pipeline.promotion_check(*_run(), baseline, candidate)
+        return pipeline.champion_eval(*_run(), data["dataset_uri"])
+
+    @task.branch
+    def promotion_check(baseline: dict, candidate: dict, champion: dict) -> str:
+        from tasks import pipeline
+
+        decision = pipeline.promotion_check(*_run(), baseline, candidate, champion)
         get_current_context()["ti"].xcom_push(key="decision", value=decision)
         return "register_model" if decision["promote"] else "skip_registration"
 
@@ -118,14 +130,20 @@ def detox_retrain():
 
         return pipeline.skip_registration(*_run(), decision)
 
+    @task(trigger_rule="none_failed_min_one_success")
+    def report() -> dict:
+        from tasks import pipeline
+
+        return pipeline.report(*_run())
+
     data = prepare_dataset()
     adapter = download_adapter()
     baseline = baseline_eval(data, adapter)
     ppo = ppo_train(data, adapter)
     baseline >> ppo  # the baseline is measured before training, on the untouched SFT policy
     candidate = evaluate(data, adapter, ppo)
-    gate = promotion_check(baseline, candidate)
-    gate >> [register_model(gate["decision"], adapter, ppo), skip_registration(gate["decision"])]
+    gate = promotion_check(baseline, candidate, champion_eval(data))
+    gate >> [register_model(gate["decision"], adapter, ppo), skip_registration(gate["decision"])] >> report()
 
 
 def _run():

@@ -4,6 +4,7 @@
     detox build-embedded                # only build the tiny models and data set
     detox run --run-id r1 --profile demo --set ppo.steps=5
     detox prepare-dataset --run-id r1 --profile demo   # ... one step at a time
+    detox evaluate --model models:/detox-summarizer@champion   # audit a registered version
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ STEPS = (
     "baseline-eval",
     "ppo-train",
     "evaluate",
+    "champion-eval",
     "promotion-check",
     "register-model",
+    "skip-registration",
+    "report",
 )
 
 
@@ -77,7 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     for step in STEPS:
         sub = commands.add_parser(step, help=f"the {step} step")
-        sub.add_argument("--run-id", required=True, help="names the run folder and the MLflow run")
+        if step == "evaluate":
+            sub.description = ("Evaluate this run's PPO candidate, or with --model any registered version "
+                               "on the held-out set (an audit of the champion, say).")
+            sub.add_argument("--model", metavar="URI", help="models:/<name>@<alias>, models:/<name>/<version> "
+                             "or a version number of the profile's registered model")
+            sub.add_argument("--run-id", help="names the run folder and the MLflow run (default with --model: "
+                             "audit-<time>)")
+        else:
+            sub.add_argument("--run-id", required=True, help="names the run folder and the MLflow run")
         with_config(sub)
     return parser
 
@@ -114,6 +126,13 @@ def _dispatch(args: argparse.Namespace) -> dict | None:
     from tasks import pipeline
 
     config = load_config(args)
+    if args.command == "evaluate" and args.model:
+        from datetime import UTC, datetime
+
+        run_key = args.run_id or f"audit-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
+        return pipeline.evaluate_registered(config, pipeline.StepContext(run_key=run_key, dag_id="cli"), args.model)
+    if not args.run_id:
+        raise ValueError(f"detox {args.command} needs --run-id")
     ctx = pipeline.StepContext(run_key=args.run_id, dag_id="cli")
     if args.command == "run":
         return pipeline.run_all(config, ctx)
@@ -125,13 +144,18 @@ def format_report(report: dict) -> str:
         value = report.get(key)
         return "n/a" if value is None else f"{value:.4f}"
 
+    low, high = report.get("toxicity_change_ci") or (None, None)
+    interval = "n/a" if low is None or high is None else f"[{low:+.4f}, {high:+.4f}]"
+
     return "\n".join([
         "",
         "=== detox_retrain demo ===",
         f"run:                {report['run_key']} (MLflow run {report['mlflow_run_id']})",
         f"toxicity  before -> after: {number('toxicity_before')} -> {number('toxicity_after')}",
+        f"toxicity change, paired bootstrap CI: {interval}",
+        f"judge     before -> after: {number('judge_before')} -> {number('judge_after')} (independent of the reward)",
         f"ROUGE-L   before -> after: {number('rouge_l_before')} -> {number('rouge_l_after')}",
-        f"decision:           {report.get('decision')}",
+        f"decision:           {report.get('decision')} (failed checks: {report.get('failed_checks')})",
         f"registered model:   {report.get('model_uri')}",
     ])
 

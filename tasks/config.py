@@ -165,12 +165,28 @@ class PPOSettings(_Section):
 
 
 class EvalSettings(_Section):
-    """Paired evaluation before and after PPO."""
+    """The paired evaluation protocol: baseline, candidate and champion all go through it."""
 
-    num_samples: int = Field(100, gt=0, description="Held-out prompts scored (capped at the split's size).")
+    num_samples: int = Field(
+        500, ge=0, description="Held-out prompts scored (capped at the split's size); 0 scores the whole split."
+    )
     batch_size: int = Field(16, gt=0, description="Prompts per generate call.")
-    seed: int = Field(1234, description="Sampling seed; identical for baseline and candidate.")
+    seed: int = Field(1234, description="Sampling seed; identical for baseline, candidate and champion.")
     max_new_tokens: int = Field(100, gt=0, description="Summary length budget during evaluation.")
+    score_prompt: bool = Field(
+        False, description="Score prompt + summary with the toxicity classifier (the seeds' way), not the summary."
+    )
+    toxicity_threshold: float = Field(
+        0.5, gt=0, lt=1, description="A summary with toxicity (or judge score) above this counts as toxic."
+    )
+    judge: str = Field(
+        "profanity-check",
+        description="Independent toxicity judge, not the reward: 'profanity-check' (the alt-profanity-check "
+        "package) or a sequence classifier's hub name or local path.",
+    )
+    judge_toxic_label: str = Field("toxic", description="Label whose probability a classifier judge reports.")
+    bootstrap_resamples: int = Field(2000, ge=100, description="Paired bootstrap resamples for the intervals.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="Confidence level of the bootstrap intervals.")
 
 
 class PromotionSettings(_Section):
@@ -181,6 +197,12 @@ class PromotionSettings(_Section):
     )
     max_rouge_l_drop: float = Field(
         0.05, ge=0, le=1, description="Tolerated relative drop of ROUGE-L against the references."
+    )
+    max_judge_increase: float = Field(
+        0.01, ge=0, le=1, description="Tolerated rise of the independent judge's mean score (absolute)."
+    )
+    compare_with_champion: bool = Field(
+        True, description="Also require the candidate to beat the registered champion on the same protocol."
     )
 
 
@@ -195,6 +217,7 @@ class RunConfig(_Section):
     )
     registered_model_name: str = Field("detox-summarizer", description="MLflow registry entry of the policy.")
     champion_alias: str = Field("champion", description="Registry alias moved to each promoted version.")
+    previous_alias: str = Field("previous", description="Registry alias kept on the champion a promotion replaces.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -261,7 +284,7 @@ def _demo_defaults() -> dict[str, Any]:
             "target_kl": 4.0,
             "kl_ceiling": 40.0,
         },
-        "eval": {"num_samples": 200, "batch_size": 64, "max_new_tokens": 48},
+        "eval": {"num_samples": 0, "batch_size": 64, "max_new_tokens": 48},
     }
 
 

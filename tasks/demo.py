@@ -103,19 +103,19 @@ def run_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict
     config = RunConfig.for_profile("demo", overrides)
     started = datetime.now(UTC)
     if engine == "airflow":
-        run_key = _run_dag(config, started, overrides or {})
-    elif engine == "local":
-        from tasks.pipeline import StepContext, run_all
-
-        run_key = f"local__{started.strftime('%Y%m%dT%H%M%S%f')}"
-        run_all(config, StepContext(run_key=run_key, dag_id=DAG_ID))
-    else:
+        run_key, log_path = _run_dag(config, started, overrides or {})
+        return {**run_report(config, run_key), "dag_log": str(log_path)}
+    if engine != "local":
         raise ValueError(f"unknown engine {engine!r}: expected 'airflow' or 'local'")
+    from tasks.pipeline import StepContext, run_all
+
+    run_key = f"local__{started.strftime('%Y%m%dT%H%M%S%f')}"
+    run_all(config, StepContext(run_key=run_key, dag_id=DAG_ID))
     return run_report(config, run_key)
 
 
-def _run_dag(config: RunConfig, started: datetime, overrides: dict) -> str:
-    """``airflow dags test`` the DAG on SQLite; the Airflow run id of the run it made."""
+def _run_dag(config: RunConfig, started: datetime, overrides: dict) -> tuple[str, Path]:
+    """``airflow dags test`` the DAG on SQLite; the Airflow run id of the run it made, and its log."""
     env = dict(os.environ)
     airflow = [sys.executable, "-m", "airflow"]
     if not (Path(env["AIRFLOW_HOME"]) / "airflow.db").exists():
@@ -123,10 +123,18 @@ def _run_dag(config: RunConfig, started: datetime, overrides: dict) -> str:
         subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
     conf = {"profile": "demo", "overrides": overrides}
     command = [*airflow, "dags", "test", DAG_ID, started.isoformat(), "-c", json.dumps(conf)]
-    logger.info("running: airflow dags test %s", DAG_ID)
-    completed = subprocess.run(command, env=env)
-    if completed.returncode != 0:
-        raise RuntimeError(f"airflow dags test {DAG_ID} failed with exit code {completed.returncode}")
+    log_path = Path(env["AIRFLOW_HOME"]) / "logs" / f"dags-test-{started.strftime('%Y%m%dT%H%M%S%f')}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("running: airflow dags test %s (log: %s)", DAG_ID, log_path)
+    # `dags test` writes the task logs to its output only: keep a copy next to Airflow's own logs.
+    with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as process:
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+    if process.returncode != 0:
+        raise RuntimeError(f"airflow dags test {DAG_ID} failed with exit code {process.returncode}; log: {log_path}")
     # `dags test` names its run after the moment it creates it; MLflow has the name.
     experiment_id = tracking.ensure_experiment(config.experiment_name, config.mlflow_artifact_location)
     started_ms = int(started.timestamp() * 1000)
@@ -138,7 +146,7 @@ def _run_dag(config: RunConfig, started: datetime, overrides: dict) -> str:
     )
     if not runs:
         raise RuntimeError(f"the {DAG_ID} run finished but left no MLflow run")
-    return runs[0].data.tags[tracking.RUN_KEY_TAG]
+    return runs[0].data.tags[tracking.RUN_KEY_TAG], log_path
 
 
 def run_report(config: RunConfig, run_key: str) -> dict:
@@ -158,6 +166,11 @@ def run_report(config: RunConfig, run_key: str) -> dict:
         "toxicity_after": metrics.get("eval/toxicity_mean"),
         "rouge_l_before": metrics.get("baseline/rouge_l_mean"),
         "rouge_l_after": metrics.get("eval/rouge_l_mean"),
+        "toxicity_change_ci": [metrics.get("promotion/toxicity_change_ci_low"),
+                               metrics.get("promotion/toxicity_change_ci_high")],
+        "judge_before": metrics.get("baseline/judge_mean"),
+        "judge_after": metrics.get("eval/judge_mean"),
+        "failed_checks": tags.get("promotion.failed_checks"),
         "decision": tags.get("promotion.decision"),
         "model_uri": tags.get("registry.model_uri"),
     }

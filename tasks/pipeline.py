@@ -18,6 +18,7 @@ import torch
 from tasks import tracking
 from tasks.config import RunConfig
 from tasks.data import load_prepared
+from tasks.evaluation import eval_fingerprint, sample_count
 from tasks.models import RewardModel, load_policy, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -71,8 +72,20 @@ class RunLayout:
         return self.root / "eval" / "candidate"
 
     @property
+    def champion_eval(self) -> Path:
+        return self.root / "eval" / "champion"
+
+    @property
     def decision(self) -> Path:
         return self.root / "promotion" / "decision.json"
+
+    @property
+    def registration(self) -> Path:
+        return self.root / "registry" / "registered.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
 
     @property
     def merged(self) -> Path:
@@ -127,24 +140,105 @@ def baseline_eval(config: RunConfig, ctx: StepContext, dataset_uri: str | None =
 
 def evaluate(config: RunConfig, ctx: StepContext, dataset_uri: str | None = None,
              adapter_dir: str | None = None, ppo_adapter_dir: str | None = None) -> dict:
-    """The PPO candidate under the identical protocol, plus the before/after comparison table."""
-    from tasks.evaluation import comparison_table, load_samples
-
+    """The PPO candidate under the identical protocol."""
     paths = layout(config, ctx)
     adapters = [Path(adapter_dir or paths.sft_adapter), Path(ppo_adapter_dir or paths.ppo_adapter)]
-    result = _evaluate_step(config, ctx, "eval", adapters, dataset_uri, paths.candidate_eval)
+    return _evaluate_step(config, ctx, "eval", adapters, dataset_uri, paths.candidate_eval)
 
-    table = comparison_table(load_samples(paths.baseline_eval), load_samples(paths.candidate_eval))
-    table_path = paths.candidate_eval / "comparison.csv"
-    table.to_csv(table_path, index=False)
-    run_id = tracking.open_run(config, ctx.run_key)
-    tracking.log_artifact(run_id, table_path, "eval")
+
+def champion_eval(config: RunConfig, ctx: StepContext, dataset_uri: str | None = None) -> dict:
+    """The registered champion's metrics under this run's protocol, or ``{"exists": False}``.
+
+    A champion registered under the same eval fingerprint brings its metrics in its version
+    tags; one measured under another protocol (other prompts, seeds, settings or scorers)
+    is downloaded from the registry and evaluated again, so the comparison stays paired.
+    """
+    from tasks.registry import champion_version
+
+    paths = layout(config, ctx)
+    run_id = tracking.open_run(config, ctx.run_key, ctx.tags("champion_eval"))
+    version = champion_version(config)
+    if version is None:
+        logger.info("no %s@%s registered yet", config.registered_model_name, config.champion_alias)
+        result = {"exists": False}
+    else:
+        splits, prepared = load_prepared(dataset_uri or paths.dataset)
+        fingerprint = eval_fingerprint(config, prepared.fingerprint, sample_count(config.eval, len(splits["test"])))
+        tags = version.tags
+        if tags.get("eval_fingerprint") == fingerprint and all(
+            key in tags for key in ("toxicity_after", "rouge_l_after", "judge_after")
+        ):
+            logger.info("champion version %s was evaluated under this protocol (%s); using its tags",
+                        version.version, fingerprint)
+            metrics = {"toxicity_mean": float(tags["toxicity_after"]), "rouge_l_mean": float(tags["rouge_l_after"]),
+                       "judge_mean": float(tags["judge_after"])}
+            result = {"source": "version tags", **metrics}
+        else:
+            logger.info("champion version %s was evaluated under protocol %s, this run uses %s: evaluating it again",
+                        version.version, tags.get("eval_fingerprint"), fingerprint)
+            result = {"source": "re-evaluated", **_evaluate_registered(config, version, splits, paths.champion_eval)}
+        result.update(exists=True, version=str(version.version), eval_fingerprint=fingerprint,
+                      model_uri=f"models:/{version.name}/{version.version}")
+        tracking.log_metrics(run_id, {k: result[k] for k in ("toxicity_mean", "rouge_l_mean", "judge_mean")},
+                             "champion/")
+        tracking.set_tags(run_id, {"champion.version": version.version, "champion.source": result["source"]})
+    paths.champion_eval.mkdir(parents=True, exist_ok=True)
+    (paths.champion_eval / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def evaluate_registered(config: RunConfig, ctx: StepContext, model: str) -> dict:
+    """Audit: a registered version (``models:/name@alias``, ``models:/name/N`` or ``N``) on the held-out set.
+
+    Prepares this run's data set when it is not there yet; results go to the run folder
+    under ``audit/<name>-v<version>`` and to the run's MLflow run under ``audit/``.
+    """
+    from tasks.data import prepare_dataset as build
+    from tasks.registry import resolve_version
+
+    paths = layout(config, ctx)
+    version = resolve_version(model, config.registered_model_name)
+    run_id = tracking.open_run(config, ctx.run_key, ctx.tags("audit"))
+    if not (paths.dataset / "prepared.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.model.policy_name,
+                                                  trust_remote_code=config.model.trust_remote_code)
+        build(config.data, tokenizer, paths.dataset, cache_dir=paths.root / "downloads")
+    splits, prepared = load_prepared(paths.dataset)
+    out_dir = paths.root / "audit" / f"{version.name}-v{version.version}"
+    summary = _evaluate_registered(config, version, splits, out_dir)
+    fingerprint = eval_fingerprint(config, prepared.fingerprint, summary["num_samples"])
+    tracking.log_metrics(run_id, summary, "audit/")
+    tracking.set_tags(run_id, {"audit.model": f"models:/{version.name}/{version.version}",
+                               "audit.eval_fingerprint": fingerprint})
+    tracking.log_artifact(run_id, out_dir / "samples.jsonl", "audit")
+    stored = {key: version.tags.get(key) for key in ("toxicity_after", "rouge_l_after", "judge_after",
+                                                     "eval_fingerprint")}
+    return {"model": f"models:/{version.name}/{version.version}", "aliases": list(version.aliases),
+            "eval_dir": str(out_dir), "eval_fingerprint": fingerprint, **summary, "stored_tags": stored}
+
+
+def _evaluate_registered(config: RunConfig, version, splits, out_dir: Path) -> dict:
+    from tasks.evaluation import evaluate_policy, load_judge
+    from tasks.registry import download_merged
+
+    device = resolve_device(config.device)
+    merged = download_merged(version.name, version.version, out_dir / "model")
+    family = json.loads((merged / "detox_serving.json").read_text()).get("family", "auto")
+    model, tokenizer = load_policy(str(merged), [], device, trust_remote_code=config.model.trust_remote_code,
+                                   family=family)
+    summary = evaluate_policy(
+        model, tokenizer, splits["test"], _reward_model(config, device),
+        load_judge(config.eval, device, config.model.trust_remote_code),
+        config.generation, config.eval, out_dir, desc=f"{version.name} v{version.version}",
+    )
+    return summary.to_dict()
 
 
 def _evaluate_step(config: RunConfig, ctx: StepContext, prefix: str, adapters: list[Path],
                    dataset_uri: str | None, out_dir: Path) -> dict:
-    from tasks.evaluation import evaluate_policy
+    from tasks.evaluation import evaluate_policy, load_judge
 
     paths = layout(config, ctx)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags(prefix))
@@ -153,12 +247,16 @@ def _evaluate_step(config: RunConfig, ctx: StepContext, prefix: str, adapters: l
     model, tokenizer = load_policy(config.model.policy_name, adapters, device, **_loading(config))
     summary = evaluate_policy(
         model, tokenizer, splits["test"], _reward_model(config, device),
+        load_judge(config.eval, device, config.model.trust_remote_code),
         config.generation, config.eval, out_dir, desc=prefix,
     )
+    fingerprint = eval_fingerprint(config, prepared.fingerprint, summary.num_samples)
     tracking.log_metrics(run_id, summary.to_dict(), f"{prefix}/")
-    tracking.log_params(run_id, {"fingerprint": prepared.fingerprint, "seed": config.eval.seed}, f"{prefix}/")
+    tracking.log_params(run_id, {"eval_fingerprint": fingerprint, "dataset_fingerprint": prepared.fingerprint,
+                                 "seed": config.eval.seed, "judge": config.eval.judge}, f"{prefix}/")
     tracking.log_artifact(run_id, out_dir / "samples.jsonl", prefix)
-    result = {"eval_dir": str(out_dir), "fingerprint": prepared.fingerprint, **summary.to_dict()}
+    result = {"eval_dir": str(out_dir), "eval_fingerprint": fingerprint,
+              "dataset_fingerprint": prepared.fingerprint, **summary.to_dict()}
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -208,29 +306,43 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
 
 
 def promotion_check(config: RunConfig, ctx: StepContext, baseline: dict | None = None,
-                    candidate: dict | None = None) -> dict:
+                    candidate: dict | None = None, champion: dict | None = None) -> dict:
+    """The gate on this run's paired evaluations (and the champion's); decision and reasons logged."""
+    from tasks.evaluation import compare, load_samples
     from tasks.promotion import decide
 
     paths = layout(config, ctx)
     baseline = baseline or _read_json(paths.baseline_eval / "result.json", "baseline_eval")
     candidate = candidate or _read_json(paths.candidate_eval / "result.json", "evaluate")
+    champion = champion or _read_json(paths.champion_eval / "result.json", "champion_eval")
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("promotion_check"))
-    if baseline.get("fingerprint") != candidate.get("fingerprint"):
-        raise ValueError("baseline and candidate were evaluated on different data sets; the comparison is unpaired")
-    decision = decide(baseline, candidate, config.promotion)
+    if baseline.get("eval_fingerprint") != candidate.get("eval_fingerprint"):
+        raise ValueError("baseline and candidate were evaluated under different protocols "
+                         f"({baseline.get('eval_fingerprint')} vs {candidate.get('eval_fingerprint')}); "
+                         "the comparison is unpaired")
+    if champion.get("exists") and champion.get("eval_fingerprint") != candidate["eval_fingerprint"]:
+        raise ValueError("the champion's metrics come from another protocol than the candidate's; "
+                         "run champion_eval of this run again")
+    intervals = compare(load_samples(baseline["eval_dir"]), load_samples(candidate["eval_dir"]), config.eval)
+    decision = decide(baseline, candidate, intervals, config.promotion,
+                      champion=champion if champion.get("exists") else None)
     for reason in decision.reasons:
         logger.info("promotion: %s", reason)
     logger.info("promotion decision: %s", "PROMOTE" if decision.promote else "DO NOT PROMOTE")
     paths.decision.parent.mkdir(parents=True, exist_ok=True)
     paths.decision.write_text(json.dumps(decision.to_dict(), indent=2))
-    tracking.log_metrics(
-        run_id,
-        {"promote": float(decision.promote), "toxicity_change": decision.toxicity_change,
-         "rouge_l_change": decision.rouge_l_change},
-        "promotion/",
-    )
+    metrics = {"promote": float(decision.promote), "toxicity_change": decision.toxicity_change,
+               "rouge_l_change": decision.rouge_l_change,
+               **{f"check_{name}": float(passed) for name, passed in decision.checks.items()}}
+    for metric, interval in intervals.items():
+        metrics.update({f"{metric}_change_mean": interval.mean, f"{metric}_change_ci_low": interval.low,
+                        f"{metric}_change_ci_high": interval.high})
+    tracking.log_metrics(run_id, metrics, "promotion/")
     tracking.log_artifact(run_id, paths.decision, "promotion")
-    tracking.set_tags(run_id, {"promotion.decision": "promote" if decision.promote else "reject"})
+    tracking.set_tags(run_id, {"promotion.decision": "promote" if decision.promote else "reject",
+                               "promotion.failed_checks": ",".join(
+                                   name for name, ok in decision.checks.items() if not ok) or "none",
+                               "promotion.bootstrap_seed": config.eval.seed})
     return decision.to_dict()
 
 
@@ -238,37 +350,87 @@ def register_model(config: RunConfig, ctx: StepContext, decision: dict | None = 
                    adapter_dir: str | None = None, ppo_adapter_dir: str | None = None) -> dict:
     from tasks.registry import merge_policy, register
 
-    decision = decision or _read_json(layout(config, ctx).decision, "promotion_check")
+    paths = layout(config, ctx)
+    decision = decision or _read_json(paths.decision, "promotion_check")
     if not decision.get("promote"):
         raise ValueError("register_model called without a positive promotion decision")
-    paths = layout(config, ctx)
+    candidate = _read_json(paths.candidate_eval / "result.json", "evaluate")
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("register_model"))
     adapters = [Path(adapter_dir or paths.sft_adapter), Path(ppo_adapter_dir or paths.ppo_adapter)]
     merged = merge_policy(config, adapters, paths.merged)
-    splits, prepared = load_prepared(paths.dataset)
+    splits, _ = load_prepared(paths.dataset)
+    tox_ci = decision["toxicity_change_ci"]
     result = register(
         config, run_id, merged, example_dialogue=splits["test"][0]["dialogue"],
         version_tags={
             "toxicity_before": f"{decision['toxicity_before']:.6f}",
             "toxicity_after": f"{decision['toxicity_after']:.6f}",
+            "toxicity_change_ci": f"[{tox_ci['low']:.6f}, {tox_ci['high']:.6f}]",
             "rouge_l_before": f"{decision['rouge_l_before']:.6f}",
             "rouge_l_after": f"{decision['rouge_l_after']:.6f}",
-            "eval_fingerprint": prepared.fingerprint,
+            "judge": config.eval.judge,
+            "judge_before": f"{decision['judge_before']:.6f}",
+            "judge_after": f"{decision['judge_after']:.6f}",
+            "eval_fingerprint": candidate["eval_fingerprint"],
+            "eval_samples": str(candidate["num_samples"]),
+            "dataset_fingerprint": candidate["dataset_fingerprint"],
             "airflow.dag_id": ctx.dag_id,
             "airflow.run_id": ctx.run_key,
             "mlflow.source_run_id": run_id,
         },
     )
     tracking.set_tags(run_id, {"registry.model_uri": result["model_uri"], "registry.version": result["version"]})
+    paths.registration.parent.mkdir(parents=True, exist_ok=True)
+    paths.registration.write_text(json.dumps(result, indent=2))
     return result
 
 
-def skip_registration(config: RunConfig, ctx: StepContext, decision: dict) -> dict:
+def skip_registration(config: RunConfig, ctx: StepContext, decision: dict | None = None) -> dict:
+    decision = decision or _read_json(layout(config, ctx).decision, "promotion_check")
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("skip_registration"))
     for reason in decision["reasons"]:
-        logger.warning("not registered: %s", reason)
+        if reason.startswith("FAIL"):
+            logger.warning("not registered: %s", reason)
     tracking.set_tags(run_id, {"registry.model_uri": "none"})
     return {"model_uri": None, "reasons": decision["reasons"]}
+
+
+def report(config: RunConfig, ctx: StepContext) -> dict:
+    """The run's reports (HTML table, PNG plots, JSON summary) as MLflow artifacts; the summary is
+    returned and printed to the task log."""
+    from tasks.evaluation import load_samples
+    from tasks.reports import write_reports
+
+    paths = layout(config, ctx)
+    decision = _read_json(paths.decision, "promotion_check")
+    baseline = _read_json(paths.baseline_eval / "result.json", "baseline_eval")
+    candidate = _read_json(paths.candidate_eval / "result.json", "evaluate")
+    champion_file = paths.champion_eval / "result.json"
+    run_id = tracking.open_run(config, ctx.run_key, ctx.tags("report"))
+    registered = json.loads(paths.registration.read_text()) if paths.registration.is_file() else None
+    history = [json.loads(line) for line in (paths.ppo / "metrics.jsonl").read_text().splitlines() if line]
+    metric_keys = ("num_samples", "toxicity_mean", "toxic_share", "judge_mean", "judge_toxic_share",
+                   "rouge_1_mean", "rouge_2_mean", "rouge_l_mean", "response_length_mean")
+    summary = {
+        "run_key": ctx.run_key,
+        "mlflow_run_id": run_id,
+        "eval_fingerprint": candidate["eval_fingerprint"],
+        "baseline": {key: baseline[key] for key in metric_keys},
+        "candidate": {key: candidate[key] for key in metric_keys},
+        "champion": json.loads(champion_file.read_text()) if champion_file.is_file() else None,
+        "decision": {key: decision[key] for key in ("promote", "checks", "reasons", "toxicity_change",
+                                                     "toxicity_change_ci", "rouge_l_change", "rouge_l_change_ci",
+                                                     "judge_change_ci")},
+        "ppo": {"steps": len(history), "reward_mean_first": history[0]["reward_mean"] if history else None,
+                "reward_mean_last": history[-1]["reward_mean"] if history else None},
+        "registered": registered or {"model_uri": None},
+    }
+    files = write_reports(paths.report, load_samples(paths.baseline_eval), load_samples(paths.candidate_eval),
+                          history, summary)
+    for path in files.values():
+        tracking.log_artifact(run_id, path, "report")
+    logger.info("detox_retrain summary:\n%s", json.dumps(summary, indent=2))
+    return summary
 
 
 def _read_json(path: Path, producer: str) -> dict:
@@ -305,9 +467,10 @@ def run_all(config: RunConfig, ctx: StepContext) -> dict:
     baseline = baseline_eval(config, ctx, data["dataset_uri"], adapter["adapter_dir"])
     ppo = ppo_train(config, ctx, data["dataset_uri"], adapter["adapter_dir"])
     candidate = evaluate(config, ctx, data["dataset_uri"], adapter["adapter_dir"], ppo["ppo_adapter_dir"])
-    decision = promotion_check(config, ctx, baseline, candidate)
+    champion = champion_eval(config, ctx, data["dataset_uri"])
+    decision = promotion_check(config, ctx, baseline, candidate, champion)
     if decision["promote"]:
         registered = register_model(config, ctx, decision, adapter["adapter_dir"], ppo["ppo_adapter_dir"])
     else:
         registered = skip_registration(config, ctx, decision)
-    return {"baseline": baseline, "candidate": candidate, "decision": decision, "registered": registered}
+    return {"registered": registered, "summary": report(config, ctx)}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities.model_registry.model_version_status import ModelVersionStatus
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
@@ -27,6 +28,7 @@ from tasks.models import load_policy
 logger = logging.getLogger(__name__)
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
+SERVING_CONFIG = "detox_serving.json"  # serving.py reads it; importing serving.py would run set_model
 # One unnamed string column: a list of dialogues or a DataFrame with one column both fit.
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
 
@@ -50,7 +52,7 @@ def merge_policy(config: RunConfig, adapter_dirs: list[Path], out_dir: Path) -> 
             "max_new_tokens": config.eval.max_new_tokens,
             "batch_size": config.eval.batch_size,
         }
-        (staging / "detox_serving.json").write_text(json.dumps(serving, indent=2))
+        (staging / SERVING_CONFIG).write_text(json.dumps(serving, indent=2))
         replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -65,7 +67,11 @@ def register(
     example_dialogue: str,
     version_tags: dict[str, str],
 ) -> dict:
-    """Log the merged model to ``mlflow_run_id``, register it, move the champion alias; return its URI."""
+    """Log the merged model to ``mlflow_run_id`` and register it; move the aliases once it is READY.
+
+    The champion it replaces keeps the alias ``previous`` (``config.previous_alias``), so a
+    rollback is one alias move.
+    """
     with mlflow.start_run(run_id=mlflow_run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
@@ -76,15 +82,80 @@ def register(
             pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "transformers", "safetensors"],
             registered_model_name=config.registered_model_name,
         )
-    version = str(info.registered_model_version)
+    name, version = config.registered_model_name, str(info.registered_model_version)
     client = tracking.client()
-    wait_until_ready(config.registered_model_name, version)
+    wait_until_ready(name, version)
     for key, value in version_tags.items():
-        client.set_model_version_tag(config.registered_model_name, version, key, str(value))
-    client.set_registered_model_alias(config.registered_model_name, config.champion_alias, version)
-    uri = f"models:/{config.registered_model_name}@{config.champion_alias}"
-    logger.info("registered %s version %s as %s", config.registered_model_name, version, uri)
-    return {"model_uri": uri, "version": version, "model_name": config.registered_model_name}
+        client.set_model_version_tag(name, version, key, str(value))
+    replaced = champion_version(config)
+    replaced_version = str(replaced.version) if replaced is not None else None
+    if replaced_version is not None and replaced_version != version:
+        client.set_registered_model_alias(name, config.previous_alias, replaced_version)
+        logger.info("%s version %s keeps alias %s", name, replaced_version, config.previous_alias)
+    client.set_registered_model_alias(name, config.champion_alias, version)
+    uri = f"models:/{name}@{config.champion_alias}"
+    logger.info("registered %s version %s as %s", name, version, uri)
+    return {"model_uri": uri, "version": version, "model_name": name,
+            "previous_version": replaced_version}
+
+
+def champion_version(config: RunConfig):
+    """The registry's current champion (a ``ModelVersion``), or None when there is none yet."""
+    return alias_version(config.registered_model_name, config.champion_alias)
+
+
+def alias_version(name: str, alias: str):
+    client = tracking.client()
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def resolve_version(reference: str, default_name: str):
+    """The ``ModelVersion`` named by ``models:/<name>@<alias>``, ``models:/<name>/<version>``
+    or a bare version number of ``default_name``; a clear error when it does not exist."""
+    client = tracking.client()
+    reference = reference.strip()
+    if reference.isdigit():
+        name, version, alias = default_name, reference, None
+    elif reference.startswith("models:/"):
+        body = reference[len("models:/"):]
+        if "@" in body:
+            name, _, alias = body.partition("@")
+            version = None
+        else:
+            name, _, version = body.partition("/")
+            alias = None
+        if not name or not (alias or version and version.isdigit()):
+            raise ValueError(f"cannot read model reference {reference!r}: expected models:/<name>@<alias> "
+                             "or models:/<name>/<version>")
+    else:
+        raise ValueError(f"cannot read model reference {reference!r}: expected models:/<name>@<alias>, "
+                         "models:/<name>/<version> or a version number")
+    if alias is not None:
+        found = alias_version(name, alias)
+        if found is None:
+            raise ValueError(f"registered model {name!r} has no version with alias {alias!r}")
+        return found
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as err:
+        raise ValueError(f"registered model {name!r} has no version {version}") from err
+
+
+def download_merged(name: str, version: str, dest: Path) -> Path:
+    """The merged ``save_pretrained`` folder of a registered version, downloaded under ``dest``."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
+    found = sorted(dest.rglob(SERVING_CONFIG))
+    if not found:
+        raise ValueError(f"{name} version {version} is not a detox summarizer: its artifacts hold no {SERVING_CONFIG}")
+    return found[0].parent
 
 
 def wait_until_ready(name: str, version: str, timeout_s: float = 300.0) -> None:

@@ -21,13 +21,15 @@ def dag(tmp_path_factory):
 
 def test_task_graph(dag):
     edges = {task.task_id: sorted(task.downstream_task_ids) for task in dag.tasks}
-    assert edges["prepare_dataset"] == ["baseline_eval", "evaluate", "ppo_train"]
+    assert edges["prepare_dataset"] == ["baseline_eval", "champion_eval", "evaluate", "ppo_train"]
     assert "baseline_eval" in edges["download_adapter"]
     assert "ppo_train" in edges["baseline_eval"]
     assert "evaluate" in edges["ppo_train"]
-    assert edges["evaluate"] == ["promotion_check"]
+    assert edges["evaluate"] == edges["champion_eval"] == ["promotion_check"]
     assert edges["promotion_check"] == ["register_model", "skip_registration"]
-    assert edges["register_model"] == edges["skip_registration"] == []
+    assert edges["register_model"] == edges["skip_registration"] == ["report"]
+    # The report runs after whichever branch ran, and only if nothing failed.
+    assert dag.get_task("report").trigger_rule == "none_failed_min_one_success"
 
 
 def test_schedule_and_retries(dag):

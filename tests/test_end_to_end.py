@@ -4,7 +4,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import matplotlib.image
+import mlflow
 import pytest
 
 from tasks import tracking
@@ -16,19 +19,62 @@ pytestmark = pytest.mark.slow
 
 
 def registered_versions(name: str) -> list[str]:
-    return [v.version for v in tracking.client().search_model_versions(f"name = '{name}'")]
+    return sorted(v.version for v in tracking.client().search_model_versions(f"name = '{name}'"))
 
 
-def test_demo_dag_lowers_toxicity_and_registers_a_champion(demo):
-    report = run_pipeline("airflow")
+def champion(name: str):
+    return tracking.client().get_model_version_by_alias(name, "champion")
+
+
+def run_tags(report: dict) -> dict:
+    return tracking.client().get_run(report["mlflow_run_id"]).data.tags
+
+
+NAME = RunConfig.for_profile("demo").registered_model_name
+
+
+@pytest.fixture(scope="module")
+def first_promotion(demo):
+    """The demo DAG once, onto an empty registry: the champion that later runs face."""
+    assert registered_versions(NAME) == []
+    return run_pipeline("airflow")
+
+
+def test_demo_dag_lowers_toxicity_and_registers_a_champion(first_promotion, tmp_path):
+    report = first_promotion
 
     assert report["decision"] == "promote"
     assert report["toxicity_after"] < 0.5 * report["toxicity_before"]
+    low, high = report["toxicity_change_ci"]
+    assert low < high < 0
+    assert report["judge_after"] < report["judge_before"]  # the independent judge agrees
     assert report["rouge_l_after"] >= 0.9 * report["rouge_l_before"]
-    name = RunConfig.for_profile("demo").registered_model_name
-    assert report["model_uri"] == f"models:/{name}@champion"
-    version = tracking.client().get_model_version_by_alias(name, "champion")
+    assert report["model_uri"] == f"models:/{NAME}@champion"
+    version = champion(NAME)
     assert version.tags["airflow.run_id"] == report["run_key"]
+    assert version.tags["mlflow.source_run_id"] == report["mlflow_run_id"]
+    assert float(version.tags["toxicity_after"]) == pytest.approx(report["toxicity_after"], abs=1e-6)
+    assert float(version.tags["judge_after"]) == pytest.approx(report["judge_after"], abs=1e-6)
+    params = tracking.client().get_run(report["mlflow_run_id"]).data.params
+    assert version.tags["eval_fingerprint"] == params["eval/eval_fingerprint"] == params["baseline/eval_fingerprint"]
+    info = mlflow.models.get_model_info(f"models:/{NAME}/{version.version}")
+    assert info.signature.inputs.input_types() == [mlflow.types.DataType.string]
+    assert info.saved_input_example_info is not None
+
+    # The reports, as a reviewer downloads them from the run.
+    client = tracking.client()
+    files = {Path(f.path).name for f in client.list_artifacts(report["mlflow_run_id"], "report")}
+    assert files == {"comparison.html", "toxicity_before_after.png", "ppo_reward_kl.png", "summary.json"}
+    local = Path(client.download_artifacts(report["mlflow_run_id"], "report", str(tmp_path)))
+    summary = json.loads((local / "summary.json").read_text())
+    assert summary["decision"]["promote"] and summary["registered"]["version"] == str(version.version)
+    assert summary["candidate"]["num_samples"] == summary["baseline"]["num_samples"] > 200  # the whole split
+    assert matplotlib.image.imread(local / "toxicity_before_after.png").shape[:2] == (400, 700)
+    assert (local / "comparison.html").read_text().count("<tr class=") == summary["candidate"]["num_samples"]
+    # ... and as the DAG's last task printed it.
+    log = Path(report["dag_log"]).read_text()
+    printed = log[log.index("detox_retrain summary:"):]
+    assert json.loads(printed[printed.index("{"):printed.index("\n}") + 2]) == summary
 
     # A fresh process, as another service would: load by alias and summarize.
     dialogues = ["#Person1#: Could you help me carry these boxes to the car?\n"
@@ -48,15 +94,63 @@ def test_demo_dag_lowers_toxicity_and_registers_a_champion(demo):
     assert all(isinstance(s, str) and len(s.split()) >= 3 for s in summaries)
 
 
-def test_gate_that_cannot_be_met_registers_nothing(demo):
-    name = RunConfig.for_profile("demo").registered_model_name
-    before = registered_versions(name)
+def test_an_operator_can_audit_the_champion(first_promotion):
+    """`detox evaluate --model` on the registered champion reproduces the metrics it was promoted with."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "evaluate", "--profile", "demo", "--model", f"models:/{NAME}@champion"],
+        capture_output=True, text=True, env=dict(os.environ), timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    audit = json.loads(completed.stdout[completed.stdout.index("{"):])
+    tags = champion(NAME).tags
+    assert audit["model"] == f"models:/{NAME}/{champion(NAME).version}" and "champion" in audit["aliases"]
+    assert audit["eval_fingerprint"] == tags["eval_fingerprint"]
+    assert audit["toxicity_mean"] == pytest.approx(float(tags["toxicity_after"]), abs=1e-6)
+    assert audit["rouge_l_mean"] == pytest.approx(float(tags["rouge_l_after"]), abs=1e-6)
+
+    missing = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "evaluate", "--profile", "demo", "--model", "999"],
+        capture_output=True, text=True, env=dict(os.environ), timeout=300,
+    )
+    assert missing.returncode == 2
+    assert f"registered model '{NAME}' has no version 999" in missing.stderr
+
+
+def test_gate_that_cannot_be_met_registers_nothing(first_promotion):
+    before = registered_versions(NAME)
 
     report = run_pipeline("airflow", {"ppo.steps": 2, "promotion.min_toxicity_reduction": 1.0})
 
     assert report["decision"] == "reject"
+    assert "toxicity_reduced" in report["failed_checks"].split(",")
     assert report["model_uri"] == "none"
-    assert registered_versions(name) == before
+    assert registered_versions(NAME) == before
+    assert champion(NAME).version == before[-1]
+    # Same protocol as the champion's promotion: its metrics come from its version tags.
+    assert run_tags(report)["champion.source"] == "version tags"
+
+
+def test_a_better_champion_is_not_replaced(first_promotion):
+    """A short PPO run beats its own baseline but not the champion; the champion was measured on
+    another eval set (here: all held-out prompts, now 120), so it is evaluated again."""
+    before = registered_versions(NAME)
+
+    report = run_pipeline("airflow", {"ppo.steps": 25, "eval.num_samples": 120})
+
+    assert report["decision"] == "reject"
+    assert report["failed_checks"] == "beats_champion"  # every other rule passed
+    assert run_tags(report)["champion.source"] == "re-evaluated"
+    assert registered_versions(NAME) == before
+
+
+def test_promotion_keeps_the_replaced_champion_as_previous(first_promotion):
+    replaced = champion(NAME).version
+
+    report = run_pipeline("airflow", {"ppo.steps": 25, "promotion.compare_with_champion": False})
+
+    assert report["decision"] == "promote"
+    assert champion(NAME).version != replaced
+    assert tracking.client().get_model_version_by_alias(NAME, "previous").version == replaced
 
 
 def test_missing_adapter_in_s3_is_a_clear_error(demo):
