@@ -220,19 +220,26 @@ def evaluate_registered(config: RunConfig, ctx: StepContext, model: str) -> dict
 
 
 def _evaluate_registered(config: RunConfig, version, splits, out_dir: Path) -> dict:
+    """A registered version under the protocol; its downloaded weights are removed afterwards."""
+    import shutil
+
     from tasks.evaluation import evaluate_policy, load_judge
-    from tasks.registry import download_merged
+    from tasks.registry import SERVING_CONFIG, download_merged
 
     device = resolve_device(config.device)
-    merged = download_merged(version.name, version.version, out_dir / "model")
-    family = json.loads((merged / "detox_serving.json").read_text()).get("family", "auto")
-    model, tokenizer = load_policy(str(merged), [], device, trust_remote_code=config.model.trust_remote_code,
-                                   family=family)
-    summary = evaluate_policy(
-        model, tokenizer, splits["test"], _reward_model(config, device),
-        load_judge(config.eval, device, config.model.trust_remote_code),
-        config.generation, config.eval, out_dir, desc=f"{version.name} v{version.version}",
-    )
+    download = out_dir / "model"
+    try:
+        merged = download_merged(version.name, version.version, download)
+        family = json.loads((merged / SERVING_CONFIG).read_text()).get("family", "auto")
+        model, tokenizer = load_policy(str(merged), [], device, trust_remote_code=config.model.trust_remote_code,
+                                       family=family)
+        summary = evaluate_policy(
+            model, tokenizer, splits["test"], _reward_model(config, device),
+            load_judge(config.eval, device, config.model.trust_remote_code),
+            config.generation, config.eval, out_dir, desc=f"{version.name} v{version.version}",
+        )
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
     return summary.to_dict()
 
 

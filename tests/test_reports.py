@@ -20,11 +20,18 @@ def samples(toxicity, judge=None):
 
 
 class Rows(HTMLParser):
+    """The table body's cells, and every tag that is closed out of order or never closed."""
+
+    VOID = {"meta", "br", "img", "link"}
+
     def __init__(self):
         super().__init__()
         self.rows, self.cell, self.in_body = [], None, False
+        self.open, self.misnested = [], []
 
     def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.open.append(tag)
         if tag == "tbody":
             self.in_body = True
         elif tag == "tr" and self.in_body:
@@ -33,6 +40,10 @@ class Rows(HTMLParser):
             self.cell = ""
 
     def handle_endtag(self, tag):
+        if self.open and self.open[-1] == tag:
+            self.open.pop()
+        else:
+            self.misnested.append(tag)
         if tag == "td" and self.cell is not None:
             self.rows[-1].append(self.cell)
             self.cell = None
@@ -65,6 +76,7 @@ def test_reports_are_readable_files(tmp_path):
     assert "-0.3000 [-0.6000, -0.0500] (95% CI, seed 1)" in page
     parser = Rows()
     parser.feed(page)
+    assert parser.open == parser.misnested == []  # well-formed: every element closed, in order
     differences = [float(row[-1]) for row in parser.rows]
     assert differences == sorted(differences) == [-0.8, -0.75, 0.0, 0.1]  # most improved first
     assert parser.rows[0][1:3] == ["summary 0 t=0.9", "summary 0 t=0.1"]
