@@ -98,10 +98,13 @@ class EmbeddedPaths:
         return self.root / "manifest.json"
 
 
+def _home(home: Path | None) -> Path:
+    return Path(home).expanduser().resolve() if home is not None else detox_home()
+
+
 def embedded_paths(home: Path | None = None) -> EmbeddedPaths:
     """The embedded default's file layout under ``home`` (default :func:`tasks.config.detox_home`)."""
-    base = Path(home).expanduser().resolve() if home is not None else detox_home()
-    return _layout(base / "embedded")
+    return _layout(_home(home) / "embedded")
 
 
 def _layout(root: Path) -> EmbeddedPaths:
@@ -1193,8 +1196,7 @@ class CausalPaths:
 
 
 def causal_paths(home: Path | None = None) -> CausalPaths:
-    base = Path(home).expanduser().resolve() if home is not None else detox_home()
-    root = base / "embedded-causal"
+    root = _home(home) / "embedded-causal"
     return CausalPaths(root=root, policy_base=root / "policy-base", sft_adapter=root / "policy-sft")
 
 

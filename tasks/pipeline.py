@@ -190,21 +190,16 @@ def champion_eval(config: RunConfig, ctx: StepContext, dataset_uri: str | None =
 def evaluate_registered(config: RunConfig, ctx: StepContext, model: str) -> dict:
     """Audit: a registered version (``models:/name@alias``, ``models:/name/N`` or ``N``) on the held-out set.
 
-    Prepares this run's data set when it is not there yet; results go to the run folder
-    under ``audit/<name>-v<version>`` and to the run's MLflow run under ``audit/``.
+    Runs this run's prepare_dataset step first when its data set is not there yet; results
+    go to the run folder under ``audit/<name>-v<version>`` and to the MLflow run under ``audit/``.
     """
-    from tasks.data import prepare_dataset as build
     from tasks.registry import resolve_version
 
     paths = layout(config, ctx)
     version = resolve_version(model, config.registered_model_name)
-    run_id = tracking.open_run(config, ctx.run_key, ctx.tags("audit"))
     if not (paths.dataset / "prepared.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(config.model.policy_name,
-                                                  trust_remote_code=config.model.trust_remote_code)
-        build(config.data, tokenizer, paths.dataset, cache_dir=paths.root / "downloads")
+        prepare_dataset(config, ctx)
+    run_id = tracking.open_run(config, ctx.run_key, ctx.tags("audit"))
     splits, prepared = load_prepared(paths.dataset)
     out_dir = paths.root / "audit" / f"{version.name}-v{version.version}"
     summary = _evaluate_registered(config, version, splits, out_dir)
@@ -223,7 +218,6 @@ def _evaluate_registered(config: RunConfig, version, splits, out_dir: Path) -> d
     """A registered version under the protocol; its downloaded weights are removed afterwards."""
     import shutil
 
-    from tasks.evaluation import evaluate_policy, load_judge
     from tasks.registry import SERVING_CONFIG, download_merged
 
     device = resolve_device(config.device)
@@ -233,11 +227,8 @@ def _evaluate_registered(config: RunConfig, version, splits, out_dir: Path) -> d
         family = json.loads((merged / SERVING_CONFIG).read_text()).get("family", "auto")
         model, tokenizer = load_policy(str(merged), [], device, trust_remote_code=config.model.trust_remote_code,
                                        family=family)
-        summary = evaluate_policy(
-            model, tokenizer, splits["test"], _reward_model(config, device),
-            load_judge(config.eval, device, config.model.trust_remote_code),
-            config.generation, config.eval, out_dir, desc=f"{version.name} v{version.version}",
-        )
+        desc = f"{version.name} v{version.version}"
+        summary = _score(config, model, tokenizer, splits["test"], device, out_dir, desc)
     finally:
         shutil.rmtree(download, ignore_errors=True)
     return summary.to_dict()
@@ -245,18 +236,12 @@ def _evaluate_registered(config: RunConfig, version, splits, out_dir: Path) -> d
 
 def _evaluate_step(config: RunConfig, ctx: StepContext, prefix: str, adapters: list[Path],
                    dataset_uri: str | None, out_dir: Path) -> dict:
-    from tasks.evaluation import evaluate_policy, load_judge
-
     paths = layout(config, ctx)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags(prefix))
     splits, prepared = load_prepared(dataset_uri or paths.dataset)
     device = resolve_device(config.device)
     model, tokenizer = load_policy(config.model.policy_name, adapters, device, **_loading(config))
-    summary = evaluate_policy(
-        model, tokenizer, splits["test"], _reward_model(config, device),
-        load_judge(config.eval, device, config.model.trust_remote_code),
-        config.generation, config.eval, out_dir, desc=prefix,
-    )
+    summary = _score(config, model, tokenizer, splits["test"], device, out_dir, prefix)
     fingerprint = eval_fingerprint(config, prepared.fingerprint, summary.num_samples)
     tracking.log_metrics(run_id, summary.to_dict(), f"{prefix}/")
     tracking.log_params(run_id, {"eval_fingerprint": fingerprint, "dataset_fingerprint": prepared.fingerprint,
@@ -266,6 +251,17 @@ def _evaluate_step(config: RunConfig, ctx: StepContext, prefix: str, adapters: l
               "dataset_fingerprint": prepared.fingerprint, **summary.to_dict()}
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _score(config: RunConfig, model, tokenizer, test_split, device: torch.device, out_dir: Path, desc: str):
+    """One policy under the evaluation protocol, with this config's toxicity scorer and judge."""
+    from tasks.evaluation import evaluate_policy, load_judge
+
+    return evaluate_policy(
+        model, tokenizer, test_split, _reward_model(config, device),
+        load_judge(config.eval, device, config.model.trust_remote_code),
+        config.generation, config.eval, out_dir, desc=desc,
+    )
 
 
 def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = None,

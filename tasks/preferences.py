@@ -54,10 +54,6 @@ class PairSet:
     records: int = 0
     ties: int = 0  # response pairs left out because they were ranked equal
 
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "line": p.line}
-                             for p in self.pairs], columns=["prompt", "chosen", "rejected", "line"])
-
 
 def pairs_from_ranking(responses: list[str], ranking: list) -> list[tuple[int, int]]:
     """(preferred index, other index) for every ordered pair the ranking implies.

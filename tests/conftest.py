@@ -10,6 +10,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on two shared cores a busy
+    neighbour process makes torch's spinning OpenMP threads ~100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def detox_home(tmp_path_factory):
     """One DETOX_HOME per test session: embedded default, MLflow and Airflow databases, run folders."""

@@ -23,12 +23,7 @@ VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2} | {word: i + 3 for i, word in enumerat
 INSULT_ID, BOS, EOS = VOCAB["insult"], 1, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
