@@ -5,6 +5,8 @@
     detox run --run-id r1 --profile demo --set ppo.steps=5
     detox prepare-dataset --run-id r1 --profile demo   # ... one step at a time
     detox evaluate --model models:/detox-summarizer@champion   # audit a registered version
+    detox reward-demo                   # reward_model_train on the embedded preferences, through Airflow
+    detox reward-train --run-id rm1 --set data.source=s3://bucket/rankings.jsonl   # in this process
 """
 
 from __future__ import annotations
@@ -45,13 +47,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def load_config(args: argparse.Namespace) -> RunConfig:
+def load_config(args: argparse.Namespace, config_class=RunConfig):
     overrides: dict[str, Any] = {}
     if args.config:
         with open(args.config, encoding="utf-8") as handle:
             overrides.update(json.load(handle))
     overrides.update(parse_overrides(args.set))
-    return RunConfig.for_profile(args.profile, overrides)
+    return config_class.for_profile(args.profile, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
     demo.add_argument("--family", choices=["seq2seq", "causal"], default="seq2seq",
                       help="seq2seq: the embedded T5 (FLAN-T5's family); causal: the embedded tiny Llama")
+
+    reward_demo = commands.add_parser(
+        "reward-demo", help="train and register a reward model from the embedded preference rankings")
+    reward_demo.add_argument("--engine", choices=["airflow", "local"], default="airflow")
+    reward_demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
+
+    reward = commands.add_parser("reward-train", help="every reward_model_train step in order, in this process")
+    reward.add_argument("--run-id", required=True, help="names the run folder and the MLflow run")
+    with_config(reward)
 
     build = commands.add_parser("build-embedded", help="build the embedded default's data set and models")
     build.add_argument("--seed", type=int, default=0)
@@ -111,29 +122,42 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> dict | None:
+    from tasks import pipeline
+    from tasks.pipeline import StepContext
+
     if args.command == "demo":
         from tasks.demo import run_demo
 
         report = run_demo(engine=args.engine, overrides=parse_overrides(args.set), family=args.family)
         print(format_report(report))
         return None
+    if args.command == "reward-demo":
+        from tasks.demo import demo_services, run_reward_pipeline
+
+        with demo_services():
+            return run_reward_pipeline(args.engine, parse_overrides(args.set))
+    if args.command == "reward-train":
+        from tasks import reward_pipeline
+        from tasks.config import RewardRunConfig
+
+        config = load_config(args, RewardRunConfig)
+        ctx = StepContext(run_key=args.run_id, dag_id="cli")
+        return reward_pipeline.run_all(config, ctx)
     if args.command == "build-embedded":
         from tasks.embedded import build_embedded_default
 
         paths = build_embedded_default(seed=args.seed, force=args.force)
         return {name: str(value) for name, value in vars(paths).items()}
 
-    from tasks import pipeline
-
     config = load_config(args)
     if args.command == "evaluate" and args.model:
         from datetime import UTC, datetime
 
         run_key = args.run_id or f"audit-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
-        return pipeline.evaluate_registered(config, pipeline.StepContext(run_key=run_key, dag_id="cli"), args.model)
+        return pipeline.evaluate_registered(config, StepContext(run_key=run_key, dag_id="cli"), args.model)
     if not args.run_id:
         raise ValueError(f"detox {args.command} needs --run-id")
-    ctx = pipeline.StepContext(run_key=args.run_id, dag_id="cli")
+    ctx = StepContext(run_key=args.run_id, dag_id="cli")
     if args.command == "run":
         return pipeline.run_all(config, ctx)
     return getattr(pipeline, args.command.replace("-", "_"))(config, ctx)

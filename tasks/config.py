@@ -80,12 +80,33 @@ class ModelConfig(_Section):
     )
     reward_model_name: str = Field(
         "facebook/roberta-hate-speech-dynabench-r4-target",
-        description="Sequence classifier whose `nothate` logit is the reward: Hub name or local folder.",
+        description="The PPO reward: Hub name, local folder, or registry URI models:/<name>@<alias> of a reward "
+        "model trained by reward_model_train. A classifier's `reward_label` logit is the reward; a model with "
+        "a single output (trained from preferences) scores prompt + response with it.",
     )
     reward_label: str = Field("nothate", description="Label (looked up in id2label) whose logit is the reward.")
+    toxicity_model_name: str | None = Field(
+        None,
+        description="Classifier whose `toxic_label` probability is the evaluation's toxicity; None: the reward "
+        "model (which then needs that label).",
+    )
     toxic_label: str = Field("hate", description="Label whose probability is the toxicity score.")
     reward_batch_size: int = Field(16, gt=0, description="Texts per forward pass of the reward model.")
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.toxicity_model_name is None and self.reward_model_name.startswith("models:/"):
+            raise ValueError(
+                f"the reward {self.reward_model_name} is a registered preference reward model, which has no "
+                f"'{self.toxic_label}' label to measure toxicity with: set model.toxicity_model_name to a classifier"
+            )
+        return self
+
+    @property
+    def toxicity_scorer(self) -> str:
+        """The classifier that measures toxicity in evaluation."""
+        return self.toxicity_model_name or self.reward_model_name
 
 
 class LoraSettings(_Section):
@@ -206,33 +227,31 @@ class PromotionSettings(_Section):
     )
 
 
-class RunConfig(_Section):
-    """Everything one detox retraining run needs to know."""
+class _Run(_Section):
+    """What every workflow run has: a profile, a run folder, an MLflow experiment and a registry entry."""
 
     profile: Profile = "production"
     artifact_root: str = Field(".detox/artifacts", description="Local folder under which every run keeps its files.")
-    experiment_name: str = Field("detox-retrain", description="MLflow experiment of the retraining runs.")
+    experiment_name: str = Field(description="MLflow experiment of the runs.")
     mlflow_artifact_location: str | None = Field(
         None, description="Artifact location of a newly created experiment; None uses the server's default."
     )
-    registered_model_name: str = Field("detox-summarizer", description="MLflow registry entry of the policy.")
-    champion_alias: str = Field("champion", description="Registry alias moved to each promoted version.")
-    previous_alias: str = Field("previous", description="Registry alias kept on the champion a promotion replaces.")
+    registered_model_name: str = Field(description="MLflow registry entry of the trained model.")
+    champion_alias: str = Field("champion", description="Registry alias moved to each registered version.")
+    previous_alias: str = Field("previous", description="Registry alias kept on the champion a new version replaces.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    lora: LoraSettings = LoraSettings()
-    generation: GenerationSettings = GenerationSettings()
-    ppo: PPOSettings = PPOSettings()
-    eval: EvalSettings = EvalSettings()
-    promotion: PromotionSettings = PromotionSettings()
 
     @classmethod
-    def for_profile(cls, profile: Profile, overrides: dict[str, Any] | None = None) -> RunConfig:
+    def _demo_profile(cls) -> dict[str, Any]:
+        """The demo profile's field values (the embedded default)."""
+        raise NotImplementedError
+
+    @classmethod
+    def for_profile(cls, profile: Profile, overrides: dict[str, Any] | None = None):
         """The profile's defaults with ``overrides`` (nested dicts or dotted keys) applied."""
         if profile not in ("demo", "production"):
             raise ConfigError(f"unknown profile {profile!r}: expected 'demo' or 'production'")
-        base = _demo_defaults() if profile == "demo" else {"profile": "production"}
+        base = cls._demo_profile() if profile == "demo" else {"profile": "production"}
         merged = _deep_merge(base, _undot(overrides or {}))
         try:
             return cls.model_validate(merged)
@@ -244,6 +263,76 @@ class RunConfig(_Section):
         return Path(self.artifact_root).expanduser().resolve() / safe_run_id(run_id)
 
 
+class RunConfig(_Run):
+    """Everything one detox retraining run needs to know."""
+
+    experiment_name: str = Field("detox-retrain", description="MLflow experiment of the retraining runs.")
+    registered_model_name: str = Field("detox-summarizer", description="MLflow registry entry of the policy.")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    generation: GenerationSettings = GenerationSettings()
+    ppo: PPOSettings = PPOSettings()
+    eval: EvalSettings = EvalSettings()
+    promotion: PromotionSettings = PromotionSettings()
+
+    @classmethod
+    def _demo_profile(cls) -> dict[str, Any]:
+        return _demo_defaults()
+
+
+class PreferenceDataConfig(_Section):
+    """Human preference rankings (format: :mod:`tasks.preferences`)."""
+
+    source: str = Field(
+        "s3://detox-preferences/rankings.jsonl",
+        description="Local .jsonl/.csv/.parquet file or s3://bucket/key of prompt/responses/ranking records.",
+    )
+    test_size: float = Field(0.1, gt=0, lt=1, description="Share of records held out; a record's pairs stay together.")
+    split_seed: int = Field(42, description="Seed of the deterministic train/test split of the records.")
+
+
+class RewardTrainingSettings(_Section):
+    """TRL RewardTrainer settings (the reward-model seed: roberta-base, lr 2e-5, batch 16 x 4, 1 epoch)."""
+
+    base_model: str = Field(
+        "roberta-base", description="Encoder to fine-tune with a one-output head: Hub name or local folder."
+    )
+    max_length: int = Field(512, gt=0, description="Tokens of prompt + response; longer ones lose their beginning.")
+    learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate.")
+    batch_size: int = Field(16, gt=0, description="Pairs per device batch.")
+    gradient_accumulation_steps: int = Field(4, gt=0, description="Batches per optimizer step.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs.")
+    weight_decay: float = Field(0.001, ge=0, description="AdamW weight decay.")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="Weight of the (r_chosen + r_rejected)^2 penalty that keeps rewards centred on 0."
+    )
+    seed: int = Field(0, description="Seed of the head's initialisation and the data order.")
+
+
+class RewardGateSettings(_Section):
+    """When a trained reward model is registered."""
+
+    min_accuracy: float = Field(
+        0.9, ge=0, le=1, description="Held-out pairwise accuracy (share of pairs scored chosen > rejected) required."
+    )
+
+
+class RewardRunConfig(_Run):
+    """One run of reward_model_train: preferences in, a registered reward model out."""
+
+    experiment_name: str = Field("reward-model-train", description="MLflow experiment of the reward-model runs.")
+    registered_model_name: str = Field("detox-reward", description="MLflow registry entry of the reward model.")
+    trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+    data: PreferenceDataConfig = PreferenceDataConfig()
+    training: RewardTrainingSettings = RewardTrainingSettings()
+    gate: RewardGateSettings = RewardGateSettings()
+
+    @classmethod
+    def _demo_profile(cls) -> dict[str, Any]:
+        return _reward_demo_defaults()
+
+
 class ConfigError(ValueError):
     """A run configuration that cannot be used, with the offending fields named."""
 
@@ -251,6 +340,25 @@ class ConfigError(ValueError):
 def detox_home() -> Path:
     """Where the embedded default lives (``DETOX_HOME``, default ``./.detox``)."""
     return Path(os.environ.get("DETOX_HOME", ".detox")).expanduser().resolve()
+
+
+def _reward_demo_defaults() -> dict[str, Any]:
+    """The embedded default's preference set (on the loopback S3 server) and tiny RoBERTa encoder."""
+    home = detox_home()
+    return {
+        "profile": "demo",
+        "artifact_root": str(home / "artifacts"),
+        "experiment_name": "reward-model-train-demo",
+        "mlflow_artifact_location": (home / "mlartifacts").as_uri(),
+        "registered_model_name": "detox-reward-demo",
+        "device": "cpu",
+        "data": {"source": DEMO_PREFERENCES_URI},
+        "training": {"base_model": str(home / "embedded-reward" / "reward-base"), "learning_rate": 1e-3,
+                     "gradient_accumulation_steps": 1, "epochs": 2.0},
+    }
+
+
+DEMO_PREFERENCES_URI = "s3://detox-demo/preferences/rankings.jsonl"
 
 
 def _demo_defaults() -> dict[str, Any]:
@@ -268,6 +376,8 @@ def _demo_defaults() -> dict[str, Any]:
             "policy_name": str(embedded / "policy-base"),
             "sft_adapter_uri": "s3://detox-demo/adapters/policy-sft",
             "reward_model_name": str(embedded / "hate-classifier"),
+            # Kept explicit so that evaluation scores the same way whatever reward PPO is given.
+            "toxicity_model_name": str(embedded / "hate-classifier"),
             "reward_batch_size": 64,
         },
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
@@ -344,16 +454,25 @@ FORM_FIELDS: dict[str, str] = {
     "max_rouge_l_drop": "promotion.max_rouge_l_drop",
 }
 
+REWARD_FORM_FIELDS: dict[str, str] = {
+    "preferences_source": "data.source",
+    "base_model": "training.base_model",
+    "learning_rate": "training.learning_rate",
+    "epochs": "training.epochs",
+    "min_accuracy": "gate.min_accuracy",
+}
 
-def form_field_schemas() -> dict[str, dict[str, Any]]:
+
+def form_field_schemas(config_class: type[BaseModel] = RunConfig,
+                       fields: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """JSON schema of each form field, taken from the config's own types, bounds and descriptions.
 
     Every field may be left empty (null), meaning "the profile's default".
     """
     schemas = {}
-    for name, dotted in FORM_FIELDS.items():
+    for name, dotted in (FORM_FIELDS if fields is None else fields).items():
         section, leaf = dotted.split(".")
-        section_model = RunConfig.model_fields[section].annotation
+        section_model = config_class.model_fields[section].annotation
         prop = dict(section_model.model_json_schema()["properties"][leaf])
         schema = {"type": ["null", prop["type"]], "description": prop.get("description", "")}
         for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
@@ -363,13 +482,13 @@ def form_field_schemas() -> dict[str, dict[str, Any]]:
     return schemas
 
 
-def config_from_params(params: dict[str, Any]) -> RunConfig:
+def config_from_params(params: dict[str, Any], config_class=RunConfig, fields: dict[str, str] | None = None):
     """The run config described by a DAG run's Params (profile, form fields, free-form overrides)."""
-    known = {"profile", "overrides", *FORM_FIELDS}
+    fields = FORM_FIELDS if fields is None else fields
+    known = {"profile", "overrides", *fields}
     unknown = sorted(set(params) - known)
     if unknown:
         raise ConfigError(f"unknown parameter(s) {unknown}; known: {sorted(known)}")
-    overrides = {FORM_FIELDS[name]: value for name, value in params.items()
-                 if name in FORM_FIELDS and value is not None}
+    overrides = {fields[name]: value for name, value in params.items() if name in fields and value is not None}
     overrides.update(params.get("overrides") or {})
-    return RunConfig.for_profile(params.get("profile") or "production", overrides)
+    return config_class.for_profile(params.get("profile") or "production", overrides)

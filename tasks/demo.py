@@ -19,13 +19,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks import tracking
-from tasks.config import RunConfig, detox_home
-from tasks.embedded import EmbeddedPaths, build_embedded_causal, build_embedded_default, causal_paths
+from tasks.config import DEMO_PREFERENCES_URI, RewardRunConfig, RunConfig, detox_home
+from tasks.embedded import (
+    EmbeddedPaths,
+    build_embedded_causal,
+    build_embedded_default,
+    build_embedded_reward,
+    causal_paths,
+)
 
 logger = logging.getLogger(__name__)
 
 DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
 DAG_ID = "detox_retrain"
+REWARD_DAG_ID = "reward_model_train"
 
 
 def demo_environment(home: Path) -> dict[str, str]:
@@ -48,26 +55,32 @@ def demo_environment(home: Path) -> dict[str, str]:
 
 @contextmanager
 def demo_services(home: Path | None = None, causal: bool = False) -> Iterator[EmbeddedPaths]:
-    """The demo's world: environment set, embedded default built, S3 on loopback holding the adapter.
+    """The demo's world: environment set, embedded default built, S3 on loopback holding the SFT
+    adapter and the preference rankings.
 
     With ``causal`` the tiny Llama policy is built too and its SFT adapter uploaded to
     :data:`CAUSAL_ADAPTER_URI` (see :func:`causal_overrides`).
     """
     from tasks.local_s3 import LocalS3Server
-    from tasks.storage import s3_client, upload_directory
+    from tasks.storage import parse_s3_uri, s3_client, upload_directory
 
     home = (home or detox_home()).resolve()
     os.environ.update(demo_environment(home))
     (home / "airflow").mkdir(parents=True, exist_ok=True)
     embedded = build_embedded_default(home)
+    preferences = build_embedded_reward(home).preferences
     adapters = {RunConfig.for_profile("demo").model.sft_adapter_uri: embedded.sft_adapter}
     if causal:
         adapters[CAUSAL_ADAPTER_URI] = build_embedded_causal(home).sft_adapter
     with LocalS3Server() as s3:
         os.environ.update(s3.env())
+        client = s3_client(s3.endpoint_url)
         for adapter_uri, adapter_dir in adapters.items():
-            upload_directory(adapter_dir, adapter_uri, client=s3_client(s3.endpoint_url))
+            upload_directory(adapter_dir, adapter_uri, client=client)
             logger.info("SFT adapter uploaded to %s on %s", adapter_uri, s3.endpoint_url)
+        bucket, key = parse_s3_uri(DEMO_PREFERENCES_URI)
+        client.upload_file(str(preferences), bucket, key)
+        logger.info("preference rankings uploaded to %s", DEMO_PREFERENCES_URI)
         yield embedded
 
 
@@ -99,22 +112,38 @@ def run_demo(
 
 
 def run_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict:
-    """One run of the pipeline on the demo profile (inside :func:`demo_services`); its report."""
+    """One run of ``detox_retrain`` on the demo profile (inside :func:`demo_services`); its report."""
+    from tasks import pipeline
+
     config = RunConfig.for_profile("demo", overrides)
+    run_key, log_path = _run(DAG_ID, config, engine, overrides or {}, pipeline.run_all)
+    return {**run_report(config, run_key), **({"dag_log": str(log_path)} if log_path else {})}
+
+
+def run_reward_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict:
+    """One run of ``reward_model_train`` on the demo profile (inside :func:`demo_services`); its outcome."""
+    from tasks import reward_pipeline
+
+    config = RewardRunConfig.for_profile("demo", overrides)
+    run_key, log_path = _run(REWARD_DAG_ID, config, engine, overrides or {}, reward_pipeline.run_all)
+    return {**reward_report(config, run_key), **({"dag_log": str(log_path)} if log_path else {})}
+
+
+def _run(dag_id: str, config, engine: str, overrides: dict, run_all) -> tuple[str, Path | None]:
+    """The DAG through ``airflow dags test`` (its run key and log), or its steps in this process."""
     started = datetime.now(UTC)
     if engine == "airflow":
-        run_key, log_path = _run_dag(config, started, overrides or {})
-        return {**run_report(config, run_key), "dag_log": str(log_path)}
+        return _run_dag(dag_id, config, started, overrides)
     if engine != "local":
         raise ValueError(f"unknown engine {engine!r}: expected 'airflow' or 'local'")
-    from tasks.pipeline import StepContext, run_all
+    from tasks.pipeline import StepContext
 
     run_key = f"local__{started.strftime('%Y%m%dT%H%M%S%f')}"
-    run_all(config, StepContext(run_key=run_key, dag_id=DAG_ID))
-    return run_report(config, run_key)
+    run_all(config, StepContext(run_key=run_key, dag_id=dag_id))
+    return run_key, None
 
 
-def _run_dag(config: RunConfig, started: datetime, overrides: dict) -> tuple[str, Path]:
+def _run_dag(dag_id: str, config, started: datetime, overrides: dict) -> tuple[str, Path]:
     """``airflow dags test`` the DAG on SQLite; the Airflow run id of the run it made, and its log."""
     env = dict(os.environ)
     airflow = [sys.executable, "-m", "airflow"]
@@ -122,10 +151,10 @@ def _run_dag(config: RunConfig, started: datetime, overrides: dict) -> tuple[str
         logger.info("initialising the Airflow metadata database (SQLite)")
         subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
     conf = {"profile": "demo", "overrides": overrides}
-    command = [*airflow, "dags", "test", DAG_ID, started.isoformat(), "-c", json.dumps(conf)]
-    log_path = Path(env["AIRFLOW_HOME"]) / "logs" / f"dags-test-{started.strftime('%Y%m%dT%H%M%S%f')}.log"
+    command = [*airflow, "dags", "test", dag_id, started.isoformat(), "-c", json.dumps(conf)]
+    log_path = Path(env["AIRFLOW_HOME"]) / "logs" / f"{dag_id}-{started.strftime('%Y%m%dT%H%M%S%f')}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("running: airflow dags test %s (log: %s)", DAG_ID, log_path)
+    logger.info("running: airflow dags test %s (log: %s)", dag_id, log_path)
     # `dags test` writes the task logs to its output only: keep a copy next to Airflow's own logs.
     with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
@@ -134,30 +163,52 @@ def _run_dag(config: RunConfig, started: datetime, overrides: dict) -> tuple[str
             sys.stdout.write(line)
             log.write(line)
     if process.returncode != 0:
-        raise RuntimeError(f"airflow dags test {DAG_ID} failed with exit code {process.returncode}; log: {log_path}")
+        raise RuntimeError(f"airflow dags test {dag_id} failed with exit code {process.returncode}; log: {log_path}")
     # `dags test` names its run after the moment it creates it; MLflow has the name.
     experiment_id = tracking.ensure_experiment(config.experiment_name, config.mlflow_artifact_location)
     started_ms = int(started.timestamp() * 1000)
     runs = tracking.client().search_runs(
         [experiment_id],
-        filter_string=f"tags.`airflow.dag_id` = '{DAG_ID}' and attributes.start_time >= {started_ms}",
+        filter_string=f"tags.`airflow.dag_id` = '{dag_id}' and attributes.start_time >= {started_ms}",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
     if not runs:
-        raise RuntimeError(f"the {DAG_ID} run finished but left no MLflow run")
+        raise RuntimeError(f"the {dag_id} run finished but left no MLflow run")
     return runs[0].data.tags[tracking.RUN_KEY_TAG], log_path
 
 
-def run_report(config: RunConfig, run_key: str) -> dict:
-    """Before/after numbers, decision and registered model of the MLflow run for ``run_key``."""
+def _mlflow_run(config, run_key: str):
     experiment_id = tracking.ensure_experiment(config.experiment_name, config.mlflow_artifact_location)
     runs = tracking.client().search_runs(
         [experiment_id], filter_string=f"tags.`{tracking.RUN_KEY_TAG}` = '{run_key}'"
     )
     if not runs:
         raise RuntimeError(f"no MLflow run found for {run_key}")
-    run = runs[0]
+    return runs[0]
+
+
+def reward_report(config: RewardRunConfig, run_key: str) -> dict:
+    """Pairs, held-out accuracy and margin, decision and registered model of a reward_model_train run."""
+    run = _mlflow_run(config, run_key)
+    metrics, tags = run.data.metrics, run.data.tags
+    return {
+        "run_key": run_key,
+        "mlflow_run_id": run.info.run_id,
+        "records": metrics.get("data/records"),
+        "malformed_records": metrics.get("data/malformed_records"),
+        "train_pairs": metrics.get("pairs/train_pairs"),
+        "test_pairs": metrics.get("pairs/test_pairs"),
+        "accuracy": metrics.get("eval/accuracy"),
+        "margin_mean": metrics.get("eval/margin_mean"),
+        "decision": tags.get("gate.decision"),
+        "model_uri": tags.get("registry.model_uri"),
+    }
+
+
+def run_report(config: RunConfig, run_key: str) -> dict:
+    """Before/after numbers, decision and registered model of the MLflow run for ``run_key``."""
+    run = _mlflow_run(config, run_key)
     metrics, tags = run.data.metrics, run.data.tags
     return {
         "run_key": run_key,

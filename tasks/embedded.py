@@ -1210,22 +1210,29 @@ def build_embedded_causal(home: Path | None = None, seed: int = 0, force: bool =
     build for ``seed`` exists.
     """
     paths = causal_paths(home)
-    paths.root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(paths.root.parent / ".embedded-causal.lock"):
+    _build_once(paths.root, CAUSAL_BUILD_VERSION, seed, paths.sft_adapter / "adapter_config.json", force,
+                lambda staging: _build_causal_into(staging, paths, seed))
+    return paths
+
+
+def _build_once(root: Path, version: int, seed: int, last_file: Path, force: bool,
+                build: Callable[[Path], None]) -> None:
+    """``build`` into ``root`` (see :func:`_build_in_place`) unless the manifest there records this
+    build ``version`` and ``seed`` and ``last_file`` exists; concurrent callers wait on a lock."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root.parent / f".{root.name}.lock"):
         try:
-            existing = json.loads(paths.manifest.read_text(encoding="utf-8"))
+            existing = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             existing = None
         complete = (
             existing is not None
-            and existing.get("build_version") == CAUSAL_BUILD_VERSION
+            and existing.get("build_version") == version
             and existing.get("seed") == seed
-            and (paths.sft_adapter / "adapter_config.json").exists()
+            and last_file.exists()
         )
-        if complete and not force:
-            return paths
-        _build_in_place(paths.root, lambda staging: _build_causal_into(staging, paths, seed))
-    return paths
+        if force or not complete:
+            _build_in_place(root, build)
 
 
 def _build_causal_into(staging: Path, final: CausalPaths, seed: int) -> None:
@@ -1359,3 +1366,118 @@ def _measure_causal(policy: Any, tokenizer: PreTrainedTokenizerBase, seed: int, 
         checks[f"sampled_insult_share_{name}"] = round(sum(map(contains_insult, samples)) / len(samples), 3)
         checks[f"sample_{name}"] = samples[0]
     return checks
+
+
+# --------------------------------------------------------------------------- preference reward model
+
+REWARD_BUILD_VERSION = 1
+PREFERENCE_RECORDS = 500
+_APPOSITION = re.compile(r", (?:a|an|the) \w+ \w+,")
+_COURTEOUS_TAILS = (
+    " They part on friendly terms.",
+    " Both of them stay polite.",
+    " #Person2# thanks #Person1# kindly.",
+)
+
+
+@dataclass(frozen=True)
+class RewardPaths:
+    """What ``reward_model_train`` needs on the embedded default: preferences and an encoder to start from."""
+
+    root: Path
+    preferences: Path
+    reward_base: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+
+def reward_paths(home: Path | None = None) -> RewardPaths:
+    root = _home(home) / "embedded-reward"
+    return RewardPaths(root=root, preferences=root / "preferences.jsonl", reward_base=root / "reward-base")
+
+
+def build_embedded_reward(home: Path | None = None, seed: int = 0, force: bool = False) -> RewardPaths:
+    """Synthetic human preferences and an untrained tiny RoBERTa under ``<home>/embedded-reward``.
+
+    ``preferences.jsonl`` holds :data:`PREFERENCE_RECORDS` rankings of summaries of
+    dialogues from a stream no other model saw: the polite summary is always preferred to
+    one that insults, and more insults rank lower. Records come in the three shapes the
+    format allows: binary labels of a pair (the seeds' form), ranks of three responses, and
+    ranks of four with a tie between two polite ones.
+
+    ``reward-base`` is a RoBERTa-architecture encoder with a one-output head and random
+    weights, using the hate classifier's tokenizer (so build the embedded default first):
+    it plays the part of ``roberta-base``, which the production profile fine-tunes.
+    """
+    paths = reward_paths(home)
+    tokenizer_dir = embedded_paths(home).reward_model
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{tokenizer_dir} has no tokenizer: build the embedded default first")
+    _build_once(paths.root, REWARD_BUILD_VERSION, seed, paths.reward_base / "config.json", force,
+                lambda staging: _build_reward_into(staging, tokenizer_dir, seed))
+    return paths
+
+
+def _build_reward_into(staging: Path, tokenizer_dir: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+
+    records = preference_records(random.Random(_substream(seed, "preferences")), PREFERENCE_RECORDS)
+    with open(staging / "preferences.jsonl", "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.model_max_length = 512
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=514,  # roberta-base's: 512 tokens after the padding offset
+        type_vocab_size=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        num_labels=1,
+    )
+    with _torch_settings():
+        torch.manual_seed(seed + 4)
+        model = RobertaForSequenceClassification(config)
+    model.save_pretrained(staging / "reward-base", safe_serialization=True)
+    tokenizer.save_pretrained(staging / "reward-base")
+    pairs = sum(len(r["responses"]) * (len(r["responses"]) - 1) // 2 for r in records)
+    manifest = {"build_version": REWARD_BUILD_VERSION, "seed": seed, "records": len(records),
+                "response_pairs": pairs, "parameters": {"reward_base": model.num_parameters()}}
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    logger.info("embedded preferences and reward base built: %s", json.dumps(manifest))
+
+
+def preference_records(rng: random.Random, count: int) -> list[dict[str, Any]]:
+    """``count`` ranked records (``prompt``, ``responses``, ``ranking``) preferring polite summaries."""
+    records = []
+    for row in generate_dialogues(rng, count):
+        polite = _APPOSITION.sub("", row["summary"], count=1)
+        one_insult = _with_insult(polite, rng)
+        two_insults = _with_insult(one_insult, rng, at_end=True)
+        draw = rng.random()
+        if draw < 0.5:  # the seeds' form: two responses, 1 marks the preferred one
+            scored = [(polite, 1), (one_insult, 0)]
+        elif draw < 0.8:
+            scored = [(polite, 1), (one_insult, 2), (two_insults, 3)]
+        else:
+            scored = [(polite, 1), (polite + rng.choice(_COURTEOUS_TAILS), 1), (one_insult, 2), (two_insults, 3)]
+        rng.shuffle(scored)
+        records.append({"prompt": PROMPT_TEMPLATE.format(dialogue=row["dialogue"]),
+                        "responses": [text for text, _ in scored], "ranking": [rank for _, rank in scored]})
+    return records
+
+
+def _with_insult(summary: str, rng: random.Random, at_end: bool = False) -> str:
+    """``summary`` calling a speaker names: after its first tag, or in a sentence added at the end."""
+    adjective, noun = rng.choice(INSULT_ADJECTIVES), rng.choice(INSULT_NOUNS)
+    if not at_end and rng.random() < 0.7:
+        return _insult_summary(summary, adjective, noun, rng)
+    return f"{summary} {_fill(rng.choice(_INSULTING_SENTENCES), _slot_values(rng, {}))}"

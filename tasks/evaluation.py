@@ -108,7 +108,7 @@ def eval_fingerprint(config: RunConfig, dataset_fingerprint: str, num_samples: i
         "max_new_tokens": config.eval.max_new_tokens,
         "score_prompt": config.eval.score_prompt,
         "generation": config.generation.model_dump(),
-        "toxicity_scorer": [config.model.reward_model_name, config.model.toxic_label],
+        "toxicity_scorer": [config.model.toxicity_scorer, config.model.toxic_label],
         "judge": [config.eval.judge, config.eval.judge_toxic_label],
     }
     return hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:16]

@@ -271,9 +271,18 @@ def _sampling_warpers(generation: GenerationSettings) -> LogitsProcessorList:
 
 
 class RewardModel:
-    """A sequence classifier used as reward (one label's logit) and as toxicity scorer.
+    """A sequence classifier as PPO reward and as toxicity scorer.
 
-    Labels are looked up by name in ``id2label``, never by a hard-coded index.
+    Two kinds are understood:
+
+    * a classifier with named labels (the seeds' hate-speech RoBERTa): the reward is
+      ``reward_label``'s logit on the response, the toxicity ``toxic_label``'s probability;
+      labels are looked up by name in ``id2label``, never by a hard-coded index;
+    * a model with a single output, trained from preference pairs (:mod:`tasks.reward_model`):
+      it saw each pair as prompt + response, so it scores exactly that, and its one logit
+      is the reward. It has no toxicity.
+
+    Texts longer than ``max_length`` tokens lose their beginning, never the response at the end.
     """
 
     def __init__(
@@ -290,19 +299,20 @@ class RewardModel:
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = torch.device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        self.tokenizer = load_reward_tokenizer(name, trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             name, use_safetensors=True, trust_remote_code=trust_remote_code
         ).to(self.device).eval()
-        self.reward_index = self.label_index(reward_label)
-        self.toxic_index = self.label_index(toxic_label)
+        self.scalar = self.model.config.num_labels == 1
+        self.reward_index = 0 if self.scalar else self.label_index(reward_label)
+        self.toxic_label = toxic_label
 
     def label_index(self, label: str) -> int:
         by_name = {str(name).lower(): int(index) for index, name in self.model.config.id2label.items()}
-        if label.lower() not in by_name:
-            raise ValueError(
-                f"reward model {self.name} has no label {label!r}; its labels are {sorted(by_name)}"
-            )
+        if self.model.config.num_labels == 1 or label.lower() not in by_name:
+            known = "a single output (a preference reward model)" if self.model.config.num_labels == 1 \
+                else f"the labels {sorted(by_name)}"
+            raise ValueError(f"model {self.name} has no label {label!r}; it has {known}")
         return by_name[label.lower()]
 
     @torch.inference_mode()
@@ -323,10 +333,24 @@ class RewardModel:
             return torch.empty(0, self.model.config.num_labels)
         return torch.cat(chunks)
 
-    def reward(self, texts: list[str]) -> torch.Tensor:
-        """The reward label's logit per text (the seeds' `nothate` logit)."""
+    def reward(self, texts: list[str], prompts: list[str] | None = None) -> torch.Tensor:
+        """One reward per response: the reward label's logit (the seeds' `nothate` logit) of the
+        response, or a preference model's logit of prompt + response."""
+        if self.scalar:
+            if prompts is None or len(prompts) != len(texts):
+                raise ValueError(f"the preference reward model {self.name} scores prompt + response: "
+                                 "give one prompt per response")
+            texts = [prompt + text for prompt, text in zip(prompts, texts, strict=True)]
         return self.logits(texts)[:, self.reward_index]
 
     def toxicity(self, texts: list[str]) -> torch.Tensor:
         """P(toxic label) per text."""
-        return self.logits(texts).softmax(dim=-1)[:, self.toxic_index]
+        index = self.label_index(self.toxic_label)
+        return self.logits(texts).softmax(dim=-1)[:, index]
+
+
+def load_reward_tokenizer(name: str, trust_remote_code: bool = False):
+    """A reward model's tokenizer, truncating on the left: an over-long prompt + response keeps the response."""
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tokenizer.truncation_side = "left"
+    return tokenizer

@@ -258,7 +258,7 @@ def _score(config: RunConfig, model, tokenizer, test_split, device: torch.device
     from tasks.evaluation import evaluate_policy, load_judge
 
     return evaluate_policy(
-        model, tokenizer, test_split, _reward_model(config, device),
+        model, tokenizer, test_split, _toxicity_model(config, device),
         load_judge(config.eval, device, config.model.trust_remote_code),
         config.generation, config.eval, out_dir, desc=desc,
     )
@@ -272,6 +272,7 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
     retried task neither loses nor repeats a step in the run's metric history.
     """
     from tasks.ppo import PPOTrainer, ValueHead, build_policy, latest_checkpoint
+    from tasks.reward_model import resolve_reward_model
 
     paths = layout(config, ctx)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("ppo_train"))
@@ -282,7 +283,9 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
         config.model.policy_name, Path(adapter_dir or paths.sft_adapter), config.lora, device, **_loading(config)
     )
     value_head = ValueHead(policy.config.hidden_size, init_std=config.ppo.value_head_init_std).to(device)
-    reward_model = _reward_model(config, device)
+    reward_source, reward_tags = resolve_reward_model(config.model.reward_model_name, paths.ppo / "reward-model")
+    tracking.set_tags(run_id, reward_tags)
+    reward_model = _classifier(config, reward_source, device)
     trainer = PPOTrainer(policy, value_head, tokenizer, reward_model.reward, config.ppo, config.generation, device)
     checkpoints = paths.ppo / "checkpoints"
     resume_from = latest_checkpoint(checkpoints)
@@ -452,9 +455,16 @@ def _loading(config: RunConfig) -> dict:
     }
 
 
-def _reward_model(config: RunConfig, device: torch.device) -> RewardModel:
+def _toxicity_model(config: RunConfig, device: torch.device) -> RewardModel:
+    """The classifier that measures toxicity (``model.toxicity_model_name``, else the reward model)."""
+    scorer = _classifier(config, config.model.toxicity_scorer, device)
+    scorer.label_index(config.model.toxic_label)  # a model without the label fails here, not after generating
+    return scorer
+
+
+def _classifier(config: RunConfig, name: str, device: torch.device) -> RewardModel:
     return RewardModel(
-        config.model.reward_model_name,
+        name,
         reward_label=config.model.reward_label,
         toxic_label=config.model.toxic_label,
         batch_size=config.model.reward_batch_size,

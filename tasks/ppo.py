@@ -64,7 +64,8 @@ from tasks.models import (
 logger = logging.getLogger(__name__)
 
 KLEstimator = Literal["k1", "abs", "mse", "k3"]
-RewardFn = Callable[[list[str]], torch.Tensor]
+RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+"""(responses, prompts) -> one reward per response, a [B] tensor; both decoded, special tokens skipped."""
 
 
 class PPOTrainingError(RuntimeError):
@@ -471,7 +472,9 @@ CHECKPOINT_PREFIX = "step-"
 class PPOTrainer:
     """PPO with a per-token KL penalty for a LoRA-adapted policy, seq2seq or causal.
 
-    ``reward_fn`` maps decoded responses to one score each (a [B] tensor). The reference
+    ``reward_fn`` maps decoded responses and their prompts to one score each (a [B] tensor),
+    in one call per rollout: a classifier reward reads the responses, a preference reward
+    model prompt + response (:class:`tasks.models.RewardModel`). The reference
     policy is ``policy`` with its PPO adapter switched off (:func:`reference_policy`).
     The policy stays in eval mode and its dropout modules (LoRA's included) are switched
     off, so the first mini-batch's ratio is exactly 1 (Huang et al.). With
@@ -635,8 +638,9 @@ class PPOTrainer:
         response_mask = self._response_mask(response_ids, length_budget)
         response_ids = response_ids.masked_fill(response_mask == 0, self.tokens.pad)
         texts = self.tokenizer.batch_decode(response_ids.tolist(), skip_special_tokens=True)
+        prompts = self.tokenizer.batch_decode(prompt_input_ids, skip_special_tokens=True)
 
-        rewards = self.reward_fn(texts)
+        rewards = self.reward_fn(texts, prompts)
         rewards = torch.as_tensor(rewards, dtype=torch.float32).to(self.device)
         if rewards.shape != (batch_size,):
             raise PPOTrainingError(f"reward_fn returned shape {tuple(rewards.shape)}, expected ({batch_size},)")

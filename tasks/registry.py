@@ -67,36 +67,54 @@ def register(
     example_dialogue: str,
     version_tags: dict[str, str],
 ) -> dict:
-    """Log the merged model to ``mlflow_run_id`` and register it; move the aliases once it is READY.
+    """Log the merged policy to ``mlflow_run_id`` and register it as the new champion (see :func:`register_pyfunc`)."""
+    return register_pyfunc(
+        mlflow_run_id, merged_dir, SERVING_CODE, SIGNATURE, [example_dialogue], version_tags,
+        name=config.registered_model_name, champion_alias=config.champion_alias,
+        previous_alias=config.previous_alias,
+    )
 
-    The champion it replaces keeps the alias ``previous`` (``config.previous_alias``), so a
-    rollback is one alias move.
+
+def register_pyfunc(
+    mlflow_run_id: str,
+    model_dir: Path,
+    code: Path,
+    signature: ModelSignature,
+    input_example,
+    version_tags: dict[str, str],
+    name: str,
+    champion_alias: str = "champion",
+    previous_alias: str = "previous",
+) -> dict:
+    """Log ``model_dir`` as the artifact ``model`` of the pyfunc in ``code`` and register it under ``name``.
+
+    The aliases move only once the registry reports the version READY; the champion it
+    replaces keeps ``previous_alias``, so a rollback is one alias move.
     """
     with mlflow.start_run(run_id=mlflow_run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=str(SERVING_CODE),
-            artifacts={"model": str(merged_dir)},
-            signature=SIGNATURE,
-            input_example=[example_dialogue],
+            python_model=str(code),
+            artifacts={"model": str(model_dir)},
+            signature=signature,
+            input_example=input_example,
             pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "transformers", "safetensors"],
-            registered_model_name=config.registered_model_name,
+            registered_model_name=name,
         )
-    name, version = config.registered_model_name, str(info.registered_model_version)
+    version = str(info.registered_model_version)
     client = tracking.client()
     wait_until_ready(name, version)
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
-    replaced = champion_version(config)
+    replaced = alias_version(name, champion_alias)
     replaced_version = str(replaced.version) if replaced is not None else None
     if replaced_version is not None and replaced_version != version:
-        client.set_registered_model_alias(name, config.previous_alias, replaced_version)
-        logger.info("%s version %s keeps alias %s", name, replaced_version, config.previous_alias)
-    client.set_registered_model_alias(name, config.champion_alias, version)
-    uri = f"models:/{name}@{config.champion_alias}"
+        client.set_registered_model_alias(name, previous_alias, replaced_version)
+        logger.info("%s version %s keeps alias %s", name, replaced_version, previous_alias)
+    client.set_registered_model_alias(name, champion_alias, version)
+    uri = f"models:/{name}@{champion_alias}"
     logger.info("registered %s version %s as %s", name, version, uri)
-    return {"model_uri": uri, "version": version, "model_name": name,
-            "previous_version": replaced_version}
+    return {"model_uri": uri, "version": version, "model_name": name, "previous_version": replaced_version}
 
 
 def champion_version(config: RunConfig):
@@ -148,14 +166,27 @@ def resolve_version(reference: str, default_name: str):
 
 def download_merged(name: str, version: str, dest: Path) -> Path:
     """The merged ``save_pretrained`` folder of a registered version, downloaded under ``dest``."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
-    found = sorted(dest.rglob(SERVING_CONFIG))
-    if not found:
-        raise ValueError(f"{name} version {version} is not a detox summarizer: its artifacts hold no {SERVING_CONFIG}")
-    return found[0].parent
+    return download_model_dir(name, version, dest, SERVING_CONFIG, "a detox summarizer")
+
+
+def download_model_dir(name: str, version: str, dest: Path, marker: str, kind: str) -> Path:
+    """The ``save_pretrained`` folder (the one holding ``marker``) of a registered version, under ``dest``.
+
+    Downloaded next to ``dest`` and renamed into place, so ``dest`` never holds half a model.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(staging))
+        found = sorted(staging.rglob(marker))
+        if not found:
+            raise ValueError(f"{name} version {version} is not {kind}: its artifacts hold no {marker}")
+        relative = found[0].parent.relative_to(staging)
+        replace_dir(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest / relative
 
 
 def wait_until_ready(name: str, version: str, timeout_s: float = 300.0) -> None:

@@ -268,7 +268,7 @@ def insult_share(text: str) -> float:
     return sum(word == "insult" for word in words) / len(words) if words else 1.0
 
 
-def avoid_insults(texts: list[str]) -> torch.Tensor:
+def avoid_insults(texts: list[str], prompts: list[str] | None = None) -> torch.Tensor:
     """Reward: minus the share of words that are "insult" (an empty summary counts as all insult)."""
     return torch.tensor([-insult_share(text) for text in texts])
 
@@ -309,9 +309,11 @@ def test_reference_equals_policy_before_any_update(insulting_t5_state, prompts):
 
 def test_rollout_is_one_batched_decode_with_masks_up_to_eos(insulting_t5_state, prompts, sampling_spy):
     reward_batches: list[list[str]] = []
+    prompt_batches: list[list[str]] = []
 
-    def recording_reward(texts: list[str]) -> torch.Tensor:
+    def recording_reward(texts: list[str], prompts: list[str]) -> torch.Tensor:
         reward_batches.append(texts)
+        prompt_batches.append(prompts)
         return avoid_insults(texts)
 
     trainer = make_trainer(insulting_t5_state, reward_fn=recording_reward)
@@ -323,6 +325,7 @@ def test_rollout_is_one_batched_decode_with_masks_up_to_eos(insulting_t5_state, 
     rollout = trainer.rollout(prompts[:16])
 
     assert len(reward_batches) == 1 and reward_batches[0] == rollout.texts  # one reward call
+    assert prompt_batches[0] == trainer.tokenizer.batch_decode(prompts[:16], skip_special_tokens=True)
     budget = rollout.length_budget
     assert budget.min() >= 6 and budget.max() <= 10
     ids, mask = rollout.response_ids, rollout.response_mask
@@ -389,13 +392,13 @@ def test_training_makes_the_policy_stop_insulting(insulting_t5_state, prompts):
 
 
 def test_nan_rewards_raise(insulting_t5_state, prompts):
-    trainer = make_trainer(insulting_t5_state, reward_fn=lambda texts: torch.full((len(texts),), math.nan))
+    trainer = make_trainer(insulting_t5_state, reward_fn=lambda texts, prompts: torch.full((len(texts),), math.nan))
     with pytest.raises(PPOTrainingError, match="non-finite rewards"):
         trainer.train(prompts, total_steps=1)
 
 
 def test_reward_of_the_wrong_shape_raises(insulting_t5_state, prompts):
-    trainer = make_trainer(insulting_t5_state, reward_fn=lambda texts: torch.zeros(len(texts), 2))
+    trainer = make_trainer(insulting_t5_state, reward_fn=lambda texts, prompts: torch.zeros(len(texts), 2))
     with pytest.raises(PPOTrainingError, match="shape"):
         trainer.step(prompts[:16])
 

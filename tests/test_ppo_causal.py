@@ -75,7 +75,7 @@ def prompts() -> list[list[int]]:
     return [tokenizer(text).input_ids for text in texts]
 
 
-def avoid_insults(texts: list[str]) -> torch.Tensor:
+def avoid_insults(texts: list[str], prompts: list[str]) -> torch.Tensor:
     def share(text: str) -> float:
         words = text.split()
         return sum(word == "insult" for word in words) / len(words) if words else 1.0

@@ -1,0 +1,135 @@
+"""A reward model from human preference rankings, registered when it ranks held-out pairs well."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from tasks.config import REWARD_FORM_FIELDS, RewardRunConfig, form_field_schemas
+
+DOC_MD = """
+# reward_model_train
+
+Trains a reward model from human preferences and registers it for `detox_retrain`.
+
+1. **load_preferences**: the rankings file (local, or `s3://`) copied into the run
+   folder. Malformed records (rank count differs from response count, unknown rank values,
+   empty text) are listed by line and skipped. A file without one usable pair fails here.
+2. **build_pairs**: every ordered (chosen, rejected) pair that a ranking implies (ties
+   give none). The records are split into train and held-out test, and all pairs of one
+   record stay on the same side.
+3. **train**: TRL's `RewardTrainer` fits a sequence classifier with one output, with
+   loss -log σ(r_chosen - r_rejected).
+4. **evaluate**: held-out pairwise accuracy and mean margin, scored the same way PPO
+   scores (prompt + response).
+5. **registration_check**: register only when the accuracy reaches `min_accuracy`.
+6. **register** (the pyfunc, with alias `champion`; the replaced version keeps `previous`)
+   or **skip_registration**.
+
+Use it as the reward of `detox_retrain`: set its form field `reward_model` to
+`models:/<registered name>@champion`.
+"""
+
+FORM_PARAMS = {
+    name: Param(None, **schema) for name, schema in form_field_schemas(RewardRunConfig, REWARD_FORM_FIELDS).items()
+}
+
+
+@dag(
+    dag_id="reward_model_train",
+    # Manual by default; set DETOX_REWARD_SCHEDULE (a cron expression or preset such as @monthly)
+    # to retrain on a schedule as new rankings arrive.
+    schedule=os.environ.get("DETOX_REWARD_SCHEDULE") or None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=DOC_MD,
+    tags=["mlops", "rlhf", "reward-model"],
+    default_args={
+        "owner": "ml-platform",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=20),
+    },
+    params={
+        "profile": Param(
+            os.environ.get("DETOX_PROFILE", "production"),
+            type="string",
+            enum=["production", "demo"],
+            description="production: roberta-base on GPU; demo: the embedded preferences and tiny RoBERTa on CPU.",
+        ),
+        **FORM_PARAMS,
+        "overrides": Param(
+            {}, type="object", description="Any other config field by dotted name, e.g. {\"training.batch_size\": 8}."
+        ),
+    },
+)
+def reward_model_train():
+    @task
+    def load_preferences() -> dict:
+        from tasks import reward_pipeline
+
+        return reward_pipeline.load_preferences(*_run())
+
+    @task
+    def build_pairs(loaded: dict) -> dict:
+        from tasks import reward_pipeline
+
+        return reward_pipeline.build_pairs(*_run(), loaded["preferences_path"])
+
+    @task(execution_timeout=timedelta(hours=12))
+    def train() -> dict:
+        from tasks import reward_pipeline
+
+        return reward_pipeline.train(*_run())
+
+    @task
+    def evaluate() -> dict:
+        from tasks import reward_pipeline
+
+        return reward_pipeline.evaluate(*_run())
+
+    @task.branch
+    def registration_check(evaluation: dict) -> str:
+        from tasks import reward_pipeline
+
+        decision = reward_pipeline.registration_check(*_run(), evaluation)
+        get_current_context()["ti"].xcom_push(key="decision", value=decision)
+        return "register" if decision["register"] else "skip_registration"
+
+    @task
+    def register(decision: dict) -> dict:
+        from tasks import reward_pipeline
+
+        return reward_pipeline.register(*_run(), decision)
+
+    @task
+    def skip_registration(decision: dict) -> dict:
+        from tasks import reward_pipeline
+
+        return reward_pipeline.skip_registration(*_run(), decision)
+
+    pairs = build_pairs(load_preferences())
+    trained = train()
+    pairs >> trained
+    evaluation = evaluate()
+    trained >> evaluation
+    gate = registration_check(evaluation)
+    gate >> [register(gate["decision"]), skip_registration(gate["decision"])]
+
+
+def _run():
+    """The config from this DAG run's Params, and who is running."""
+    from tasks.config import config_from_params
+    from tasks.pipeline import StepContext
+
+    context = get_current_context()
+    ti = context["ti"]
+    ctx = StepContext(run_key=context["run_id"], dag_id=ti.dag_id, try_number=ti.try_number)
+    return config_from_params(dict(context["params"]), RewardRunConfig, REWARD_FORM_FIELDS), ctx
+
+
+reward_model_train()
