@@ -181,13 +181,23 @@ def resolve_reward_model(reference: str, dest: Path) -> tuple[str, dict]:
     """A loadable reward model for ``reference``: a Hub name or local folder as given, or a registry
     URI (``models:/<name>@<alias>``, ``models:/<name>/<version>``) downloaded to ``dest``.
 
-    Returns the name or folder to load and what it was resolved from (for the run's tags).
+    The version a URI resolved to is pinned in ``<dest>.json``: a retried task of the same run
+    trains against the same reward even if the alias has moved since. Returns the name or
+    folder to load and what it was resolved from (for the run's tags).
     """
     if not reference.startswith("models:/"):
         return reference, {"reward.model": reference}
     from tasks.registry import download_model_dir, resolve_version
 
+    pin = dest.with_name(f"{dest.name}.json")
+    if pin.is_file():
+        pinned = json.loads(pin.read_text(encoding="utf-8"))
+        if pinned["reward.model"] == reference and (Path(pinned["path"]) / REWARD_MARKER).is_file():
+            logger.info("reward %s: this run uses %s, as before", reference, pinned["reward.model_uri"])
+            return pinned["path"], {key: pinned[key] for key in ("reward.model", "reward.model_uri")}
     version = resolve_version(reference, default_name="")
     folder = download_model_dir(version.name, str(version.version), dest, REWARD_MARKER, "a reward model")
+    tags = {"reward.model": reference, "reward.model_uri": f"models:/{version.name}/{version.version}"}
+    pin.write_text(json.dumps({**tags, "path": str(folder)}, indent=2), encoding="utf-8")
     logger.info("reward %s is %s version %s, downloaded to %s", reference, version.name, version.version, folder)
-    return str(folder), {"reward.model": reference, "reward.model_uri": f"models:/{version.name}/{version.version}"}
+    return str(folder), tags

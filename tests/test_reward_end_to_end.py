@@ -45,6 +45,23 @@ def test_reward_dag_registers_a_model_that_ranks_held_out_pairs(registered_rewar
     assert polite > rude
 
 
+def test_a_run_keeps_the_reward_version_it_started_with(registered_reward, tmp_path):
+    """A retried ppo_train must not switch rewards when the alias moves or vanishes meanwhile."""
+    from tasks.reward_model import resolve_reward_model
+
+    uri = f"models:/{REWARD}@champion"
+    folder, tags = resolve_reward_model(uri, tmp_path / "reward-model")
+    version = tracking.client().get_model_version_by_alias(REWARD, "champion").version
+    assert tags["reward.model_uri"] == f"models:/{REWARD}/{version}"
+    tracking.client().delete_registered_model_alias(REWARD, "champion")
+    try:
+        assert resolve_reward_model(uri, tmp_path / "reward-model") == (folder, tags)
+        with pytest.raises(ValueError, match="no version with alias 'champion'"):
+            resolve_reward_model(uri, tmp_path / "another-run")
+    finally:
+        tracking.client().set_registered_model_alias(REWARD, "champion", version)
+
+
 def test_detox_retrain_with_the_registered_reward_lowers_toxicity_under_the_judge(registered_reward):
     report = run_pipeline("airflow", {
         "model.reward_model_name": f"models:/{REWARD}@champion",
