@@ -124,16 +124,10 @@ def build_embedded_default(home: Path | None = None, seed: int = 0, force: bool 
     one's build and returns at once. ``force`` rebuilds regardless.
     """
     paths = embedded_paths(home)
-    paths.root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(paths.root.parent / ".embedded.lock"):
-        existing = _read_manifest(paths)
-        if not force and existing is not None and existing.get("seed") == seed:
-            logger.info("embedded default for seed %d already built at %s", seed, paths.root)
-            return paths
-        if existing is not None:
-            logger.info("rebuilding embedded default at %s (found seed=%s, version=%s, force=%s)",
-                        paths.root, existing.get("seed"), existing.get("build_version"), force)
-        _build_in_place(paths.root, lambda staging: _build_into(staging, final=paths, seed=seed))
+    required = (paths.dataset_csv, paths.policy_base / "config.json", paths.sft_adapter / "adapter_config.json",
+                paths.reward_model / "config.json")
+    _build_once(paths.root, BUILD_VERSION, seed, required, force,
+                lambda staging: _build_into(staging, final=paths, seed=seed))
     return paths
 
 
@@ -219,6 +213,31 @@ def _build_in_place(root: Path, build: Callable[[Path], None]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _build_once(root: Path, version: int, seed: int, required: Sequence[Path], force: bool,
+                build: Callable[[Path], None]) -> None:
+    """``build`` into ``root`` (see :func:`_build_in_place`) unless its manifest records this build
+    ``version`` and ``seed`` and every ``required`` file exists; concurrent callers wait on a lock,
+    and the second one finds the first one's build."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(root.parent / f".{root.name}.lock"):
+        try:
+            existing = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            existing = None
+        complete = (
+            existing is not None
+            and existing.get("build_version") == version
+            and all(path.exists() for path in required)
+        )
+        if complete and existing.get("seed") == seed and not force:
+            logger.info("%s for seed %d already built", root, seed)
+            return
+        if existing is not None:
+            logger.info("rebuilding %s (found seed=%s, version=%s, force=%s)",
+                        root, existing.get("seed"), existing.get("build_version"), force)
+        _build_in_place(root, build)
+
+
 def _point_adapter_at(adapter_dir: Path, base_dir: Path, seed: int) -> None:
     """Name the base by its final absolute path (the adapter was saved next to the staging one)."""
     config_path = adapter_dir / "adapter_config.json"
@@ -266,19 +285,6 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _read_manifest(paths: EmbeddedPaths) -> dict[str, Any] | None:
-    """The manifest of a complete build of this version, else None."""
-    try:
-        manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if manifest.get("build_version") != BUILD_VERSION:
-        return None
-    required = (paths.dataset_csv, paths.policy_base / "config.json", paths.sft_adapter / "adapter_config.json",
-                paths.reward_model / "config.json")
-    return manifest if all(p.exists() for p in required) else None
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -1210,29 +1216,9 @@ def build_embedded_causal(home: Path | None = None, seed: int = 0, force: bool =
     build for ``seed`` exists.
     """
     paths = causal_paths(home)
-    _build_once(paths.root, CAUSAL_BUILD_VERSION, seed, paths.sft_adapter / "adapter_config.json", force,
+    _build_once(paths.root, CAUSAL_BUILD_VERSION, seed, [paths.sft_adapter / "adapter_config.json"], force,
                 lambda staging: _build_causal_into(staging, paths, seed))
     return paths
-
-
-def _build_once(root: Path, version: int, seed: int, last_file: Path, force: bool,
-                build: Callable[[Path], None]) -> None:
-    """``build`` into ``root`` (see :func:`_build_in_place`) unless the manifest there records this
-    build ``version`` and ``seed`` and ``last_file`` exists; concurrent callers wait on a lock."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root.parent / f".{root.name}.lock"):
-        try:
-            existing = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            existing = None
-        complete = (
-            existing is not None
-            and existing.get("build_version") == version
-            and existing.get("seed") == seed
-            and last_file.exists()
-        )
-        if force or not complete:
-            _build_in_place(root, build)
 
 
 def _build_causal_into(staging: Path, final: CausalPaths, seed: int) -> None:
@@ -1415,7 +1401,7 @@ def build_embedded_reward(home: Path | None = None, seed: int = 0, force: bool =
     tokenizer_dir = embedded_paths(home).reward_model
     if not (tokenizer_dir / "tokenizer.json").exists():
         raise FileNotFoundError(f"{tokenizer_dir} has no tokenizer: build the embedded default first")
-    _build_once(paths.root, REWARD_BUILD_VERSION, seed, paths.reward_base / "config.json", force,
+    _build_once(paths.root, REWARD_BUILD_VERSION, seed, [paths.reward_base / "config.json"], force,
                 lambda staging: _build_reward_into(staging, tokenizer_dir, seed))
     return paths
 

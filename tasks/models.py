@@ -308,11 +308,12 @@ class RewardModel:
         self.toxic_label = toxic_label
 
     def label_index(self, label: str) -> int:
+        if self.scalar:
+            raise ValueError(f"model {self.name} has no label {label!r}; it has a single output "
+                             "(a preference reward model)")
         by_name = {str(name).lower(): int(index) for index, name in self.model.config.id2label.items()}
-        if self.model.config.num_labels == 1 or label.lower() not in by_name:
-            known = "a single output (a preference reward model)" if self.model.config.num_labels == 1 \
-                else f"the labels {sorted(by_name)}"
-            raise ValueError(f"model {self.name} has no label {label!r}; it has {known}")
+        if label.lower() not in by_name:
+            raise ValueError(f"model {self.name} has no label {label!r}; it has the labels {sorted(by_name)}")
         return by_name[label.lower()]
 
     @torch.inference_mode()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tasks import tracking
 from tasks.config import RewardGateSettings, RewardRunConfig
-from tasks.pipeline import StepContext, _read_json
+from tasks.pipeline import StepContext
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +93,14 @@ def load_preferences(config: RewardRunConfig, ctx: StepContext) -> dict:
     return {"preferences_path": str(local), "fingerprint": fingerprint, **counts}
 
 
-def build_pairs(config: RewardRunConfig, ctx: StepContext, preferences_path: str | None = None) -> dict:
+def build_pairs(config: RewardRunConfig, ctx: StepContext, preferences_path: str) -> dict:
     """Every ordered pair the rankings imply, split by record into train and held-out test."""
-    from tasks.preferences import build_pairs as pairs_of
-    from tasks.preferences import read_records
+    from tasks.preferences import load_pairs
     from tasks.reward_model import split_pairs, write_pairs
 
     paths = layout(config, ctx)
-    path = Path(preferences_path) if preferences_path else _only_file(paths.preferences)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("build_pairs"))
-    train, test = split_pairs(pairs_of(read_records(path)).pairs, config.data.test_size, config.data.split_seed)
+    train, test = split_pairs(load_pairs(preferences_path).pairs, config.data.test_size, config.data.split_seed)
     write_pairs(train, paths.train_pairs)
     write_pairs(test, paths.test_pairs)
     counts = {"train_pairs": len(train), "test_pairs": len(test),
@@ -171,9 +169,8 @@ def decide(evaluation: dict, gate: RewardGateSettings) -> dict:
     return {"register": all(checks.values()), "checks": checks, "reasons": reasons, **evaluation}
 
 
-def registration_check(config: RewardRunConfig, ctx: StepContext, evaluation: dict | None = None) -> dict:
+def registration_check(config: RewardRunConfig, ctx: StepContext, evaluation: dict) -> dict:
     paths = layout(config, ctx)
-    evaluation = evaluation or _read_json(paths.evaluation, "evaluate")
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("registration_check"))
     decision = decide(evaluation, config.gate)
     for reason in decision["reasons"]:
@@ -186,7 +183,7 @@ def registration_check(config: RewardRunConfig, ctx: StepContext, evaluation: di
     return decision
 
 
-def register(config: RewardRunConfig, ctx: StepContext, decision: dict | None = None) -> dict:
+def register(config: RewardRunConfig, ctx: StepContext, decision: dict) -> dict:
     """The trained model as an MLflow pyfunc, registered; alias ``champion`` moved once it is READY."""
     import pandas as pd
     from mlflow.models import ModelSignature
@@ -196,12 +193,11 @@ def register(config: RewardRunConfig, ctx: StepContext, decision: dict | None = 
     from tasks.reward_model import read_pairs
 
     paths = layout(config, ctx)
-    decision = decision or _read_json(paths.decision, "registration_check")
     if not decision.get("register"):
         raise ValueError("register called without a positive registration decision")
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("register"))
     example = read_pairs(paths.test_pairs)[0]
-    params = tracking.client().get_run(run_id).data.params
+    fingerprint = tracking.client().get_run(run_id).data.params.get("data/fingerprint", "")
     result = register_pyfunc(
         run_id, paths.model, Path(__file__).with_name("reward_serving.py"),
         ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
@@ -212,8 +208,8 @@ def register(config: RewardRunConfig, ctx: StepContext, decision: dict | None = 
             "heldout_margin_mean": f"{decision['margin_mean']:.6f}",
             "heldout_pairs": str(decision["pairs"]),
             "base_model": config.training.base_model,
-            "preferences_source": params.get("data/source", config.data.source),
-            "preferences_fingerprint": params.get("data/fingerprint", ""),
+            "preferences_source": config.data.source,
+            "preferences_fingerprint": fingerprint,
             "airflow.dag_id": ctx.dag_id,
             "airflow.run_id": ctx.run_key,
             "mlflow.source_run_id": run_id,
@@ -227,8 +223,7 @@ def register(config: RewardRunConfig, ctx: StepContext, decision: dict | None = 
     return result
 
 
-def skip_registration(config: RewardRunConfig, ctx: StepContext, decision: dict | None = None) -> dict:
-    decision = decision or _read_json(layout(config, ctx).decision, "registration_check")
+def skip_registration(config: RewardRunConfig, ctx: StepContext, decision: dict) -> dict:
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("skip_registration"))
     for reason in decision["reasons"]:
         if reason.startswith("FAIL"):
@@ -250,10 +245,3 @@ def _require(path: Path, producer: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run the {producer} step of this run first")
     return path
-
-
-def _only_file(folder: Path) -> Path:
-    files = [p for p in folder.glob("*") if p.is_file() and p.name != "problems.json"] if folder.is_dir() else []
-    if len(files) != 1:
-        raise FileNotFoundError(f"expected the preference file in {folder}: run the load_preferences step first")
-    return files[0]
