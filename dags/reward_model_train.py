@@ -122,14 +122,33 @@ def reward_model_train():
 
 
 def _run():
-    """The config from this DAG run's Params, and who is running."""
-    from tasks.config import config_from_params
+    """The config from this DAG run's Params, and who is running; credentials from the connections."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tasks.config import ConfigError, config_from_params
+    from tasks.connections import apply_connections
     from tasks.pipeline import StepContext
 
+    apply_connections(_connection)
     context = get_current_context()
     ti = context["ti"]
     ctx = StepContext(run_key=context["run_id"], dag_id=ti.dag_id, try_number=ti.try_number)
-    return config_from_params(dict(context["params"]), RewardRunConfig, REWARD_FORM_FIELDS), ctx
+    try:
+        config = config_from_params(dict(context["params"]), RewardRunConfig, REWARD_FORM_FIELDS)
+    except ConfigError as err:
+        raise AirflowFailException(str(err)) from err  # a bad config is not worth a retry
+    return config, ctx
+
+
+def _connection(conn_id: str):
+    """The Airflow connection ``conn_id``, or None when it is not defined."""
+    from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return Connection.get(conn_id)
+    except AirflowNotFoundException:
+        return None
 
 
 reward_model_train()

@@ -269,7 +269,9 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
     """PPO against the reward model; resumes from the run's last checkpoint when there is one.
 
     Step metrics reach MLflow at each checkpoint, from the checkpoint's own history, so a
-    retried task neither loses nor repeats a step in the run's metric history.
+    retried task neither loses nor repeats a step in the run's metric history. While MLflow
+    is unreachable training goes on and the metrics wait in the checkpoints; if it is still
+    unreachable at the end the task fails, and its retry only logs what is missing.
     """
     from tasks.ppo import PPOTrainer, ValueHead, build_policy, latest_checkpoint
     from tasks.reward_model import resolve_reward_model
@@ -294,15 +296,25 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
         trainer.load_checkpoint(resume_from)
         resumed_from_step = trainer.steps_done
         logger.info("ppo_train resumes after step %d of %d", trainer.steps_done, config.ppo.steps)
-        # The previous attempt may have died between writing the checkpoint and logging its steps.
-        tracking.log_step_history(run_id, trainer.history, "ppo/")
     tracking.set_tags(run_id, {"ppo.resumed_from_step": resumed_from_step or 0})
 
     def on_checkpoint(path: Path) -> None:
-        tracking.log_step_history(run_id, trainer.history, "ppo/")
+        try:
+            tracking.log_step_history(run_id, trainer.history, "ppo/")
+        except tracking.TrackingUnavailableError as error:
+            # Training goes on: the steps are in the checkpoint and reach MLflow with a later one.
+            logger.warning("step metrics not logged, they wait in %s: %s", path, error)
 
     history = trainer.train(list(splits["train"]["input_ids"]), config.ppo.steps,
                             checkpoint_dir=checkpoints, on_checkpoint=on_checkpoint)
+    try:
+        tracking.log_step_history(run_id, history, "ppo/")
+    except tracking.TrackingUnavailableError as error:
+        raise tracking.TrackingUnavailableError(
+            f"PPO finished all {len(history)} steps, but their metrics could not reach MLflow run {run_id}. "
+            f"Retry the task once MLflow is back: it resumes from {latest_checkpoint(checkpoints)} without "
+            f"training again and logs the missing steps into the same run. ({error})"
+        ) from error
     trainer.save(paths.ppo)
     (paths.ppo / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
     final = history[-1]
@@ -335,8 +347,9 @@ def promotion_check(config: RunConfig, ctx: StepContext, baseline: dict | None =
     for reason in decision.reasons:
         logger.info("promotion: %s", reason)
     logger.info("promotion decision: %s", "PROMOTE" if decision.promote else "DO NOT PROMOTE")
+    result = {**decision.to_dict(), "champion_version": champion.get("version") if champion.get("exists") else None}
     paths.decision.parent.mkdir(parents=True, exist_ok=True)
-    paths.decision.write_text(json.dumps(decision.to_dict(), indent=2))
+    paths.decision.write_text(json.dumps(result, indent=2))
     metrics = {"promote": float(decision.promote), "toxicity_change": decision.toxicity_change,
                "rouge_l_change": decision.rouge_l_change,
                **{f"check_{name}": float(passed) for name, passed in decision.checks.items()}}
@@ -349,12 +362,12 @@ def promotion_check(config: RunConfig, ctx: StepContext, baseline: dict | None =
                                "promotion.failed_checks": ",".join(
                                    name for name, ok in decision.checks.items() if not ok) or "none",
                                "promotion.bootstrap_seed": config.eval.seed})
-    return decision.to_dict()
+    return result
 
 
 def register_model(config: RunConfig, ctx: StepContext, decision: dict | None = None,
                    adapter_dir: str | None = None, ppo_adapter_dir: str | None = None) -> dict:
-    from tasks.registry import merge_policy, register
+    from tasks.registry import ANY_CHAMPION, merge_policy, register
 
     paths = layout(config, ctx)
     decision = decision or _read_json(paths.decision, "promotion_check")
@@ -383,7 +396,9 @@ def register_model(config: RunConfig, ctx: StepContext, decision: dict | None = 
             "airflow.dag_id": ctx.dag_id,
             "airflow.run_id": ctx.run_key,
             "mlflow.source_run_id": run_id,
+            "decided_against_champion": str(decision.get("champion_version") or "none"),
         },
+        expected_champion=decision.get("champion_version", ANY_CHAMPION),
     )
     tracking.set_tags(run_id, {"registry.model_uri": result["model_uri"], "registry.version": result["version"]})
     paths.registration.parent.mkdir(parents=True, exist_ok=True)

@@ -3,15 +3,24 @@
 The SFT and PPO adapters are merged into the base weights, saved with
 ``save_pretrained`` and logged as a pyfunc model (see :mod:`tasks.serving`); the new
 version gets the champion alias only once the registry reports it READY.
+
+Registration is safe to retry and to run concurrently: a retried task reuses the version
+its MLflow run registered before, the aliases of one registered model move under a lock
+held in the registry itself (:func:`alias_lock`), and a decision made against a champion
+that has since been replaced does not move the alias (:class:`ChampionMovedError`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -31,6 +40,12 @@ SERVING_CODE = Path(__file__).with_name("serving.py")
 SERVING_CONFIG = "detox_serving.json"  # serving.py reads it; importing serving.py would run set_model
 # One unnamed string column: a list of dialogues or a DataFrame with one column both fit.
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
+LOCK_SUFFIX = ".alias-lock"
+ANY_CHAMPION = "any"  # expected_champion of a registration that was not decided against a champion
+
+
+class ChampionMovedError(RuntimeError):
+    """The champion changed after the promotion decision was made; the alias was not moved."""
 
 
 def merge_policy(config: RunConfig, adapter_dirs: list[Path], out_dir: Path) -> Path:
@@ -66,12 +81,13 @@ def register(
     merged_dir: Path,
     example_dialogue: str,
     version_tags: dict[str, str],
+    expected_champion: str | None = ANY_CHAMPION,
 ) -> dict:
     """Log the merged policy to ``mlflow_run_id`` and register it as the new champion (see :func:`register_pyfunc`)."""
     return register_pyfunc(
         mlflow_run_id, merged_dir, SERVING_CODE, SIGNATURE, [example_dialogue], version_tags,
         name=config.registered_model_name, champion_alias=config.champion_alias,
-        previous_alias=config.previous_alias,
+        previous_alias=config.previous_alias, expected_champion=expected_champion,
     )
 
 
@@ -85,36 +101,124 @@ def register_pyfunc(
     name: str,
     champion_alias: str = "champion",
     previous_alias: str = "previous",
+    expected_champion: str | None = ANY_CHAMPION,
 ) -> dict:
     """Log ``model_dir`` as the artifact ``model`` of the pyfunc in ``code`` and register it under ``name``.
 
     The aliases move only once the registry reports the version READY; the champion it
-    replaces keeps ``previous_alias``, so a rollback is one alias move.
+    replaces keeps ``previous_alias``, so a rollback is one alias move. A version that
+    ``mlflow_run_id`` registered before (an interrupted attempt) is finished, not duplicated.
+    ``expected_champion`` is the champion version the promotion was decided against (None:
+    there was none); when the champion is another one by the time the alias would move,
+    :class:`ChampionMovedError` is raised and the alias stays where it is.
     """
-    with mlflow.start_run(run_id=mlflow_run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(code),
-            artifacts={"model": str(model_dir)},
-            signature=signature,
-            input_example=input_example,
-            pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "transformers", "safetensors"],
-            registered_model_name=name,
-        )
-    version = str(info.registered_model_version)
     client = tracking.client()
+    version = _version_of_run(name, mlflow_run_id)
+    if version is None:
+        _check_champion(name, champion_alias, expected_champion, candidate=None)  # before logging anything
+        with mlflow.start_run(run_id=mlflow_run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(code),
+                artifacts={"model": str(model_dir)},
+                signature=signature,
+                input_example=input_example,
+                pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "transformers", "safetensors"],
+                registered_model_name=name,
+            )
+        version = str(info.registered_model_version)
+    else:
+        logger.info("%s version %s was registered by MLflow run %s before; finishing its registration",
+                    name, version, mlflow_run_id)
     wait_until_ready(name, version)
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, str(value))
-    replaced = alias_version(name, champion_alias)
-    replaced_version = str(replaced.version) if replaced is not None else None
-    if replaced_version is not None and replaced_version != version:
-        client.set_registered_model_alias(name, previous_alias, replaced_version)
-        logger.info("%s version %s keeps alias %s", name, replaced_version, previous_alias)
-    client.set_registered_model_alias(name, champion_alias, version)
+    with alias_lock(name):
+        replaced_version = _check_champion(name, champion_alias, expected_champion, candidate=version)
+        if replaced_version is not None and replaced_version != version:
+            client.set_registered_model_alias(name, previous_alias, replaced_version)
+            logger.info("%s version %s keeps alias %s", name, replaced_version, previous_alias)
+        client.set_registered_model_alias(name, champion_alias, version)
+    if replaced_version == version:  # a retry after the alias had moved
+        previous = alias_version(name, previous_alias)
+        replaced_version = str(previous.version) if previous is not None else None
     uri = f"models:/{name}@{champion_alias}"
     logger.info("registered %s version %s as %s", name, version, uri)
     return {"model_uri": uri, "version": version, "model_name": name, "previous_version": replaced_version}
+
+
+def _version_of_run(name: str, mlflow_run_id: str) -> str | None:
+    """The version of ``name`` that ``mlflow_run_id`` registered, if any (READY or on its way)."""
+    failed = ModelVersionStatus.to_string(ModelVersionStatus.FAILED_REGISTRATION)
+    versions = [
+        version for version in tracking.client().search_model_versions(
+            f"name = '{name}' and run_id = '{mlflow_run_id}'")
+        if version.status != failed
+    ]
+    return str(min(int(version.version) for version in versions)) if versions else None
+
+
+def _check_champion(name: str, alias: str, expected: str | None, candidate: str | None) -> str | None:
+    """The current champion version; :class:`ChampionMovedError` unless it is ``expected`` (or ``candidate``)."""
+    current = alias_version(name, alias)
+    current_version = str(current.version) if current is not None else None
+    if expected == ANY_CHAMPION or current_version in (expected, candidate):
+        return current_version
+    decided = f"version {expected}" if expected is not None else "no champion"
+    raise ChampionMovedError(
+        f"{name}@{alias} is version {current_version} now, but this run's promotion was decided against "
+        f"{decided}; the alias was not moved. Run champion_eval and promotion_check of this run again "
+        "to decide against the new champion."
+    )
+
+
+@contextmanager
+def alias_lock(name: str, timeout_s: float = 300.0, stale_after_s: float = 900.0) -> Iterator[None]:
+    """Hold the lock on the aliases of registered model ``name`` while moving them.
+
+    The lock is a registered model named ``<name>.alias-lock``: the registry refuses a
+    second model of the same name, so only one holder can create it, whichever machine it
+    runs on. A lock older than ``stale_after_s`` (its holder died) is broken with a warning.
+    """
+    client = tracking.client()
+    lock = f"{name}{LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={"holder": holder, "acquired_at": f"{time.time():.3f}"},
+                description=f"Held while the aliases of {name} move; delete it only if its holder is gone.",
+            )
+            break
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException:
+            continue  # released between our attempt and the look-up
+        other, age = held.tags.get("holder", "?"), time.time() - float(held.tags.get("acquired_at", 0))
+        if age > stale_after_s:
+            logger.warning("breaking the alias lock of %s left by %s %.0f s ago", name, other, age)
+            _delete_lock(lock)
+        elif time.monotonic() > deadline:
+            raise TimeoutError(f"the aliases of {name} have been locked by {other} for {age:.0f} s; "
+                               f"if that process is gone, delete the registered model {lock}")
+        else:
+            time.sleep(0.2)
+    try:
+        yield
+    finally:
+        _delete_lock(lock)
+
+
+def _delete_lock(lock: str) -> None:
+    try:
+        tracking.client().delete_registered_model(lock)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
 
 
 def champion_version(config: RunConfig):

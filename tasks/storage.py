@@ -19,13 +19,17 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError, FlexibleChecksumError
+from botocore.exceptions import ClientError, FlexibleChecksumError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from s3transfer.exceptions import RetriesExceededError
 
 from tasks.fsutil import replace_dir
 
@@ -38,10 +42,59 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 # Files that torch.load would unpickle: loading one runs arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _CHUNK_BYTES = 1024 * 1024
+# Failing to reach the endpoint, or losing the connection mid-transfer: worth another attempt.
+_UNREACHABLE = (BotoConnectionError, HTTPClientError, RetriesExceededError)
+
+T = TypeVar("T")
 
 
 class AdapterDownloadError(RuntimeError):
     """The adapter at an S3 URI was refused; the message names the URI or key and the reason."""
+
+
+class S3UnavailableError(ConnectionError):
+    """S3 could not be reached in any attempt; the message names the endpoint and the object."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How an S3 operation that cannot reach its endpoint is retried: ``attempts`` tries, waiting
+    ``first_delay_s`` after the first failure and twice as long after each next one, up to
+    ``max_delay_s``. The defaults ride out about half a minute of outage; Airflow's task
+    retries cover longer ones. ``DETOX_S3_ATTEMPTS`` and ``DETOX_S3_BACKOFF_S`` override them.
+    """
+
+    attempts: int = 5
+    first_delay_s: float = 2.0
+    max_delay_s: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> Backoff:
+        return cls(
+            attempts=max(1, int(os.environ.get("DETOX_S3_ATTEMPTS", cls.attempts))),
+            first_delay_s=float(os.environ.get("DETOX_S3_BACKOFF_S", cls.first_delay_s)),
+        )
+
+
+def with_retries(operation: Callable[[], T], what: str, client: Any, backoff: Backoff | None = None) -> T:
+    """``operation()``, tried again with backoff while S3 is unreachable; :class:`S3UnavailableError`
+    once every attempt failed. Each attempt must start from scratch (no partial state kept)."""
+    backoff = backoff or Backoff.from_env()
+    endpoint = client.meta.endpoint_url
+    delay = backoff.first_delay_s
+    for attempt in range(1, backoff.attempts):
+        try:
+            return operation()
+        except _UNREACHABLE as error:
+            logger.warning("S3 unreachable at %s while %s (attempt %d of %d): %s; retrying in %.1f s",
+                           endpoint, what, attempt, backoff.attempts, error, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, backoff.max_delay_s)
+    try:
+        return operation()
+    except _UNREACHABLE as error:
+        raise S3UnavailableError(f"S3 at {endpoint} unreachable while {what}: {backoff.attempts} attempts "
+                                 f"failed; last error: {error}") from error
 
 
 @dataclass
@@ -66,9 +119,13 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def s3_client(endpoint_url: str | None = None) -> Any:
-    """A boto3 S3 client that retries transient errors; ``endpoint_url=None`` uses the standard env vars."""
+    """A boto3 S3 client; ``endpoint_url=None`` uses the standard env vars.
+
+    botocore retries throttling and server errors itself; a dead endpoint is retried,
+    with longer waits, by :func:`with_retries` around whole operations.
+    """
     config = Config(
-        retries={"mode": "standard", "max_attempts": 5},
+        retries={"mode": "standard", "max_attempts": 3},
         connect_timeout=5,
         read_timeout=60,
     )
@@ -107,17 +164,23 @@ def _ensure_bucket(client: Any, bucket: str) -> None:
             raise
 
 
-def upload_directory(local_dir: Path, uri: str, client: Any = None) -> list[str]:
+def upload_directory(local_dir: Path, uri: str, client: Any = None, backoff: Backoff | None = None) -> list[str]:
     """Upload every file under ``local_dir`` to ``uri`` plus a ``MANIFEST.sha256.json`` of their hashes.
 
     The bucket is created if missing. Returns the object keys written, manifest last.
     An existing manifest file in ``local_dir`` is not uploaded; a fresh one is computed.
+    The manifest goes last, so a reader never sees a manifest without its files.
     """
     local_dir = Path(local_dir)
     if not local_dir.is_dir():
         raise NotADirectoryError(f"not a directory: {local_dir}")
-    bucket, prefix = parse_s3_uri(uri)
+    parse_s3_uri(uri)
     client = client if client is not None else s3_client()
+    return with_retries(lambda: _upload_directory(local_dir, uri, client), f"uploading to {uri}", client, backoff)
+
+
+def _upload_directory(local_dir: Path, uri: str, client: Any) -> list[str]:
+    bucket, prefix = parse_s3_uri(uri)
     _ensure_bucket(client, bucket)
 
     manifest: dict[str, str] = {}
@@ -144,7 +207,7 @@ def upload_directory(local_dir: Path, uri: str, client: Any = None) -> list[str]
     return keys
 
 
-def download_file(uri: str, dest: Path, client: Any = None) -> Path:
+def download_file(uri: str, dest: Path, client: Any = None, backoff: Backoff | None = None) -> Path:
     """Download the object ``s3://bucket/key`` to ``dest`` (written whole, then renamed into place)."""
     bucket, key = parse_s3_uri(uri)
     if not key or uri.endswith("/"):
@@ -155,7 +218,7 @@ def download_file(uri: str, dest: Path, client: Any = None) -> Path:
     fd, partial_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
     os.close(fd)
     try:
-        client.download_file(bucket, key, partial_name)
+        with_retries(lambda: client.download_file(bucket, key, partial_name), f"downloading {uri}", client, backoff)
         os.replace(partial_name, dest)
     except ClientError as error:
         Path(partial_name).unlink(missing_ok=True)
@@ -300,6 +363,7 @@ def download_adapter(
     expected_base_model: str | None = None,
     client: Any = None,
     allow_pickle: bool = False,
+    backoff: Backoff | None = None,
 ) -> AdapterInfo:
     """Download the LoRA adapter under ``uri`` into ``dest`` after checking it.
 
@@ -310,11 +374,20 @@ def download_adapter(
     matches ``MANIFEST.sha256.json`` when the prefix has one; and ``base_model_name_or_path``
     matches ``expected_base_model`` when given. Files land in a temporary sibling folder
     that replaces ``dest`` only once everything passed; on failure nothing is left behind.
+    While S3 is unreachable the whole download is tried again (see :class:`Backoff`).
     """
-    bucket, prefix = parse_s3_uri(uri)
-    dest = Path(dest)
+    parse_s3_uri(uri)
     client = client if client is not None else s3_client()
+    return with_retries(
+        lambda: _download_adapter(uri, Path(dest), expected_base_model, client, allow_pickle),
+        f"downloading the adapter at {uri}", client, backoff,
+    )
 
+
+def _download_adapter(
+    uri: str, dest: Path, expected_base_model: str | None, client: Any, allow_pickle: bool
+) -> AdapterInfo:
+    bucket, prefix = parse_s3_uri(uri)
     keys = _list_keys(client, bucket, prefix, uri)
     relative_by_key: dict[str, str] = {}
     for key in keys:

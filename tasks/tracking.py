@@ -4,13 +4,20 @@ The run is found by the tag ``detox.run_key`` (the Airflow run id, or the id giv
 the ``detox`` command), so a retried task or a later step logs into the same run
 instead of opening a second one. Steps log under their own prefix
 (``data/``, ``adapter/``, ``baseline/``, ``ppo/``, ``eval/``, ``promotion/``).
+
+A tracking server that cannot be reached surfaces as :class:`TrackingUnavailableError`,
+naming the server, after the MLflow client's own retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``) have run out.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -22,11 +29,54 @@ logger = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "detox.run_key"
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class TrackingUnavailableError(ConnectionError):
+    """The MLflow tracking server (or its database) could not be reached."""
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the tracking server or its database could not be reached at all."""
+    import requests
+    import sqlalchemy.exc
+
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout, sqlalchemy.exc.OperationalError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _outages_named(function: Callable[P, T]) -> Callable[P, T]:
+    """Turn an unreachable tracking server into a :class:`TrackingUnavailableError` naming it."""
+
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            if isinstance(error, TrackingUnavailableError) or not unreachable(error):
+                raise
+            raise TrackingUnavailableError(redact(
+                f"MLflow tracking server {mlflow.get_tracking_uri()} is unreachable ({function.__name__}): {error}"
+            )) from error
+
+    return wrapper
+
+
+def redact(text: str) -> str:
+    """``text`` with the user:password part of any URL in it replaced by ``***``."""
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+
 
 def client() -> MlflowClient:
     return MlflowClient()
 
 
+@_outages_named
 def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
     mlflow_client = client()
     experiment = mlflow_client.get_experiment_by_name(name)
@@ -42,6 +92,7 @@ def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
         return experiment.experiment_id
 
 
+@_outages_named
 def open_run(config: RunConfig, run_key: str, tags: dict[str, str] | None = None) -> str:
     """The id of the MLflow run for ``run_key``, created (with the config as params) on first use."""
     experiment_id = ensure_experiment(config.experiment_name, config.mlflow_artifact_location)
@@ -79,12 +130,14 @@ def _settle_race(experiment_id: str, run_key: str, created: str) -> str:
     return winner
 
 
+@_outages_named
 def log_params(run_id: str, params: dict[str, Any], prefix: str = "") -> None:
     entries = [Param(f"{prefix}{k}", str(v)[:6000]) for k, v in params.items()]
     for start in range(0, len(entries), 100):
         client().log_batch(run_id, params=entries[start : start + 100])
 
 
+@_outages_named
 def log_metrics(run_id: str, metrics: dict[str, float], prefix: str = "", step: int = 0) -> None:
     import time
 
@@ -98,6 +151,7 @@ def log_metrics(run_id: str, metrics: dict[str, float], prefix: str = "", step: 
         client().log_batch(run_id, metrics=entries)
 
 
+@_outages_named
 def log_step_history(run_id: str, history: list[dict[str, float]], prefix: str = "") -> int:
     """Log the steps of ``history`` (step ``i`` = ``history[i]``) that the run does not have yet.
 
@@ -122,10 +176,12 @@ def log_step_history(run_id: str, history: list[dict[str, float]], prefix: str =
     return max(0, len(history) - logged_through - 1)
 
 
+@_outages_named
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
     client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+@_outages_named
 def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
     client().log_artifact(run_id, str(path), artifact_path)
 

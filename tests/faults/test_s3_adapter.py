@@ -1,4 +1,5 @@
-"""S3 storage and the SFT adapter download, against moto's real HTTP server on loopback."""
+"""S3 storage and the SFT adapter download against moto's real HTTP server on loopback: round trips,
+and every way a bad adapter is refused without leaving a file behind."""
 
 from __future__ import annotations
 
@@ -203,6 +204,30 @@ def test_tampered_weights_are_refused_and_leave_nothing(tmp_path, bucket_uri):
     with pytest.raises(AdapterDownloadError, match="checksum mismatch for adapter_model.safetensors"):
         download_adapter(uri, dest)
     assert not dest.exists()
+    assert leftovers(tmp_path, dest) == []
+
+
+@pytest.mark.parametrize("with_manifest", [True, False], ids=["manifest", "no-manifest"])
+def test_truncated_weights_are_refused_and_keep_the_previous_download(tmp_path, bucket_uri, with_manifest):
+    """An upload cut short: the manifest's checksum catches it, and without a manifest the
+    safetensors header does; the adapter downloaded before stays as it was."""
+    uri = f"{bucket_uri}/sft/v1"
+    source = make_adapter(tmp_path / "sft")
+    upload_directory(source, uri)
+    dest = tmp_path / "adapter"
+    download_adapter(uri, dest)
+    before = {p.name: sha256(p) for p in dest.iterdir()}
+    bucket, _ = parse_s3_uri(uri)
+    client = s3_client()
+    weights = (source / "adapter_model.safetensors").read_bytes()
+    client.put_object(Bucket=bucket, Key="sft/v1/adapter_model.safetensors", Body=weights[: len(weights) // 2])
+    if not with_manifest:
+        client.delete_object(Bucket=bucket, Key=f"sft/v1/{MANIFEST_NAME}")
+
+    expected = "checksum mismatch for adapter_model.safetensors" if with_manifest else "not a valid safetensors"
+    with pytest.raises(AdapterDownloadError, match=expected):
+        download_adapter(uri, dest)
+    assert {p.name: sha256(p) for p in dest.iterdir()} == before
     assert leftovers(tmp_path, dest) == []
 
 
