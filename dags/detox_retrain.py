@@ -76,65 +76,45 @@ FORM_PARAMS = {
 def detox_retrain():
     @task
     def prepare_dataset() -> dict:
-        from tasks import pipeline
-
-        return pipeline.prepare_dataset(*_run())
+        return _step("prepare_dataset")
 
     @task
     def download_adapter() -> dict:
-        from tasks import pipeline
-
-        return pipeline.download_adapter(*_run())
+        return _step("download_adapter")
 
     @task
     def baseline_eval(data: dict, adapter: dict) -> dict:
-        from tasks import pipeline
-
-        return pipeline.baseline_eval(*_run(), data["dataset_uri"], adapter["adapter_dir"])
+        return _step("baseline_eval", data["dataset_uri"], adapter["adapter_dir"])
 
     @task(execution_timeout=timedelta(hours=12))
     def ppo_train(data: dict, adapter: dict) -> dict:
-        from tasks import pipeline
-
-        return pipeline.ppo_train(*_run(), data["dataset_uri"], adapter["adapter_dir"])
+        return _step("ppo_train", data["dataset_uri"], adapter["adapter_dir"])
 
     @task
     def evaluate(data: dict, adapter: dict, ppo: dict) -> dict:
-        from tasks import pipeline
-
-        return pipeline.evaluate(*_run(), data["dataset_uri"], adapter["adapter_dir"], ppo["ppo_adapter_dir"])
+        return _step("evaluate", data["dataset_uri"], adapter["adapter_dir"], ppo["ppo_adapter_dir"])
 
     @task
     def champion_eval(data: dict) -> dict:
-        from tasks import pipeline
-
-        return pipeline.champion_eval(*_run(), data["dataset_uri"])
+        return _step("champion_eval", data["dataset_uri"])
 
     @task.branch
     def promotion_check(baseline: dict, candidate: dict, champion: dict) -> str:
-        from tasks import pipeline
-
-        decision = pipeline.promotion_check(*_run(), baseline, candidate, champion)
+        decision = _step("promotion_check", baseline, candidate, champion)
         get_current_context()["ti"].xcom_push(key="decision", value=decision)
         return "register_model" if decision["promote"] else "skip_registration"
 
     @task
     def register_model(decision: dict, adapter: dict, ppo: dict) -> dict:
-        from tasks import pipeline
-
-        return pipeline.register_model(*_run(), decision, adapter["adapter_dir"], ppo["ppo_adapter_dir"])
+        return _step("register_model", decision, adapter["adapter_dir"], ppo["ppo_adapter_dir"])
 
     @task
     def skip_registration(decision: dict) -> dict:
-        from tasks import pipeline
-
-        return pipeline.skip_registration(*_run(), decision)
+        return _step("skip_registration", decision)
 
     @task(trigger_rule="none_failed_min_one_success")
     def report() -> dict:
-        from tasks import pipeline
-
-        return pipeline.report(*_run())
+        return _step("report")
 
     data = prepare_dataset()
     adapter = download_adapter()
@@ -146,11 +126,23 @@ def detox_retrain():
     gate >> [register_model(gate["decision"], adapter, ppo), skip_registration(gate["decision"])] >> report()
 
 
-def _run():
-    """The run config from this DAG run's Params, and who is running; credentials from the connections."""
+def _step(name: str, *args):
+    """Step ``name`` of :mod:`tasks.pipeline` for this DAG run. Bad input (config, data,
+    adapter, ...) fails the task at once: a retry could not fix it."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks.config import ConfigError, config_from_params
+    from tasks import pipeline
+    from tasks.errors import InputError
+
+    try:
+        return getattr(pipeline, name)(*_run(), *args)
+    except InputError as err:
+        raise AirflowFailException(f"{type(err).__name__}: {err}") from err
+
+
+def _run():
+    """The run config from this DAG run's Params, and who is running; credentials from the connections."""
+    from tasks.config import config_from_params
     from tasks.connections import apply_connections
     from tasks.pipeline import StepContext
 
@@ -158,11 +150,7 @@ def _run():
     context = get_current_context()
     ti = context["ti"]
     ctx = StepContext(run_key=context["run_id"], dag_id=ti.dag_id, try_number=ti.try_number)
-    try:
-        config = config_from_params(dict(context["params"]))
-    except ConfigError as err:
-        raise AirflowFailException(str(err)) from err  # a bad config is not worth a retry
-    return config, ctx
+    return config_from_params(dict(context["params"])), ctx
 
 
 def _connection(conn_id: str):

@@ -70,47 +70,33 @@ FORM_PARAMS = {
 def reward_model_train():
     @task
     def load_preferences() -> dict:
-        from tasks import reward_pipeline
-
-        return reward_pipeline.load_preferences(*_run())
+        return _step("load_preferences")
 
     @task
     def build_pairs(loaded: dict) -> dict:
-        from tasks import reward_pipeline
-
-        return reward_pipeline.build_pairs(*_run(), loaded["preferences_path"])
+        return _step("build_pairs", loaded["preferences_path"])
 
     @task(execution_timeout=timedelta(hours=12))
     def train() -> dict:
-        from tasks import reward_pipeline
-
-        return reward_pipeline.train(*_run())
+        return _step("train")
 
     @task
     def evaluate() -> dict:
-        from tasks import reward_pipeline
-
-        return reward_pipeline.evaluate(*_run())
+        return _step("evaluate")
 
     @task.branch
     def registration_check(evaluation: dict) -> str:
-        from tasks import reward_pipeline
-
-        decision = reward_pipeline.registration_check(*_run(), evaluation)
+        decision = _step("registration_check", evaluation)
         get_current_context()["ti"].xcom_push(key="decision", value=decision)
         return "register" if decision["register"] else "skip_registration"
 
     @task
     def register(decision: dict) -> dict:
-        from tasks import reward_pipeline
-
-        return reward_pipeline.register(*_run(), decision)
+        return _step("register", decision)
 
     @task
     def skip_registration(decision: dict) -> dict:
-        from tasks import reward_pipeline
-
-        return reward_pipeline.skip_registration(*_run(), decision)
+        return _step("skip_registration", decision)
 
     pairs = build_pairs(load_preferences())
     trained = train()
@@ -121,11 +107,23 @@ def reward_model_train():
     gate >> [register(gate["decision"]), skip_registration(gate["decision"])]
 
 
-def _run():
-    """The config from this DAG run's Params, and who is running; credentials from the connections."""
+def _step(name: str, *args):
+    """Step ``name`` of :mod:`tasks.reward_pipeline` for this DAG run. Bad input (config, data,
+    adapter, ...) fails the task at once: a retry could not fix it."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks.config import ConfigError, config_from_params
+    from tasks import reward_pipeline
+    from tasks.errors import InputError
+
+    try:
+        return getattr(reward_pipeline, name)(*_run(), *args)
+    except InputError as err:
+        raise AirflowFailException(f"{type(err).__name__}: {err}") from err
+
+
+def _run():
+    """The config from this DAG run's Params, and who is running; credentials from the connections."""
+    from tasks.config import config_from_params
     from tasks.connections import apply_connections
     from tasks.pipeline import StepContext
 
@@ -133,11 +131,7 @@ def _run():
     context = get_current_context()
     ti = context["ti"]
     ctx = StepContext(run_key=context["run_id"], dag_id=ti.dag_id, try_number=ti.try_number)
-    try:
-        config = config_from_params(dict(context["params"]), RewardRunConfig, REWARD_FORM_FIELDS)
-    except ConfigError as err:
-        raise AirflowFailException(str(err)) from err  # a bad config is not worth a retry
-    return config, ctx
+    return config_from_params(dict(context["params"]), RewardRunConfig, REWARD_FORM_FIELDS), ctx
 
 
 def _connection(conn_id: str):

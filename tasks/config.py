@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.errors import InputError
+
 PROMPT_TEMPLATE = "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
 
 Profile = Literal["demo", "production"]
@@ -333,7 +335,7 @@ class RewardRunConfig(_Run):
         return _reward_demo_defaults()
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A run configuration that cannot be used, with the offending fields named."""
 
 

@@ -23,6 +23,7 @@ import pandas as pd
 from datasets import Dataset, DatasetDict, load_from_disk
 
 from tasks.config import DataConfig
+from tasks.errors import InputError
 from tasks.fsutil import replace_dir
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ LOCAL_READERS = {
 }
 
 
-class DataError(ValueError):
+class DataError(InputError, ValueError):
     """A data source that cannot be turned into a training set; the message says why."""
 
 

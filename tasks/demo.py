@@ -143,13 +143,18 @@ def _run(dag_id: str, config, engine: str, overrides: dict, run_all) -> tuple[st
     return run_key, None
 
 
+def ensure_airflow_db() -> None:
+    """Create the demo's SQLite Airflow metadata database on first use."""
+    if not (Path(os.environ["AIRFLOW_HOME"]) / "airflow.db").exists():
+        logger.info("initialising the Airflow metadata database (SQLite)")
+        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+
+
 def _run_dag(dag_id: str, config, started: datetime, overrides: dict) -> tuple[str, Path]:
     """``airflow dags test`` the DAG on SQLite; the Airflow run id of the run it made, and its log."""
     env = dict(os.environ)
     airflow = [sys.executable, "-m", "airflow"]
-    if not (Path(env["AIRFLOW_HOME"]) / "airflow.db").exists():
-        logger.info("initialising the Airflow metadata database (SQLite)")
-        subprocess.run([*airflow, "db", "migrate"], env=env, check=True, capture_output=True)
+    ensure_airflow_db()
     conf = {"profile": "demo", "overrides": overrides}
     command = [*airflow, "dags", "test", dag_id, started.isoformat(), "-c", json.dumps(conf)]
     log_path = Path(env["AIRFLOW_HOME"]) / "logs" / f"{dag_id}-{started.strftime('%Y%m%dT%H%M%S%f')}.log"

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from tasks.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 
-class PreferenceError(ValueError):
+class PreferenceError(InputError, ValueError):
     """Preference data that cannot be used at all."""
 
 

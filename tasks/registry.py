@@ -31,6 +31,7 @@ from mlflow.types import ColSpec, Schema
 
 from tasks import tracking
 from tasks.config import RunConfig
+from tasks.errors import InputError
 from tasks.fsutil import replace_dir
 from tasks.models import load_policy
 
@@ -44,7 +45,7 @@ LOCK_SUFFIX = ".alias-lock"
 ANY_CHAMPION = "any"  # expected_champion of a registration that was not decided against a champion
 
 
-class ChampionMovedError(RuntimeError):
+class ChampionMovedError(InputError, RuntimeError):
     """The champion changed after the promotion decision was made; the alias was not moved."""
 
 

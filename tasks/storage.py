@@ -31,6 +31,7 @@ from botocore.exceptions import ClientError, FlexibleChecksumError, HTTPClientEr
 from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError
 
+from tasks.errors import InputError
 from tasks.fsutil import replace_dir
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ _UNREACHABLE = (BotoConnectionError, HTTPClientError, RetriesExceededError)
 T = TypeVar("T")
 
 
-class AdapterDownloadError(RuntimeError):
+class AdapterDownloadError(InputError, RuntimeError):
     """The adapter at an S3 URI was refused; the message names the URI or key and the reason."""
 
 

@@ -2,7 +2,8 @@
 
 The retried process ends with the configured number of steps, exactly the weights and
 metrics of a run that was never interrupted (CPU runs are deterministic), and every
-step once in the MLflow run's metric history.
+step once in the MLflow run's metric history. A checkpoint that was being written at the
+moment of the kill is never the one resumed from.
 """
 
 import json
@@ -57,11 +58,17 @@ def test_a_killed_ppo_train_resumes_from_its_last_checkpoint(demo):
     killed_at = int(latest_checkpoint(checkpoints).name.split("-")[-1])
     assert 4 <= killed_at < 8
     assert not (config.run_dir("resume-killed") / "ppo" / "adapter").exists()  # no final output yet
+    # What a kill in the middle of writing the next checkpoint leaves: its temporary folder, half full.
+    half_written = checkpoints / f".step-{killed_at + 1:06d}-killed"
+    half_written.mkdir()
+    (half_written / "trainer_state.json").write_text(json.dumps({"steps_done": killed_at + 1}))
+    (half_written / "value_head.safetensors").write_bytes(b"\x00" * 10)
 
     retry = subprocess.run(ppo_train_command("resume-killed"), env=env, capture_output=True, text=True, timeout=600)
     assert retry.returncode == 0, retry.stderr[-3000:]
     result = json.loads(retry.stdout[retry.stdout.index("{"):])
-    assert result["steps"] == 8 and result["resumed_from_step"] == killed_at
+    assert result["steps"] == 8 and result["resumed_from_step"] == killed_at  # not from the half-written one
+    assert not half_written.exists()  # cleaned up by the next checkpoint
 
     killed_dir, reference_dir = (config.run_dir(key) / "ppo" for key in ("resume-killed", "resume-reference"))
     assert json.loads((killed_dir / "trainer_state.json").read_text())["steps_done"] == 8
