@@ -30,6 +30,7 @@ def detox_home(tmp_path_factory):
     in instead of built (about five minutes saved); they are checked like any earlier build.
     CI leaves it unset and builds from scratch.
     """
+    import json
     import shutil
     from pathlib import Path
 
@@ -38,6 +39,12 @@ def detox_home(tmp_path_factory):
     if source:
         for build in Path(source).glob("embedded*"):
             shutil.copytree(build, home / build.name)
+        for adapter_config in home.glob("embedded*/**/adapter_config.json"):  # its base model moves along
+            config = json.loads(adapter_config.read_text())
+            parts = Path(config["base_model_name_or_path"]).parts
+            start = next(i for i, part in enumerate(parts) if part.startswith("embedded"))
+            config["base_model_name_or_path"] = str(home.joinpath(*parts[start:]))
+            adapter_config.write_text(json.dumps(config, indent=2))
     return home
 
 
