@@ -40,6 +40,10 @@ empty to use the profile's default; `overrides` takes any other config field by 
 dotted name, e.g. `{"ppo.batch_size": 32}`.
 """
 
+# Training and evaluation take a slot of the GPU pool and, with the Celery or Kubernetes
+# executor, run on the GPU workers' queue (docker/docker-compose.yml creates both).
+GPU = {"pool": os.environ.get("DETOX_GPU_POOL", "gpu"), "queue": os.environ.get("DETOX_GPU_QUEUE", "gpu")}
+
 FORM_PARAMS = {
     name: Param(None, **schema) for name, schema in form_field_schemas().items()
 }
@@ -82,19 +86,19 @@ def detox_retrain():
     def download_adapter() -> dict:
         return _step("download_adapter")
 
-    @task
+    @task(**GPU)
     def baseline_eval(data: dict, adapter: dict) -> dict:
         return _step("baseline_eval", data["dataset_uri"], adapter["adapter_dir"])
 
-    @task(execution_timeout=timedelta(hours=12))
+    @task(execution_timeout=timedelta(hours=12), **GPU)
     def ppo_train(data: dict, adapter: dict) -> dict:
         return _step("ppo_train", data["dataset_uri"], adapter["adapter_dir"])
 
-    @task
+    @task(**GPU)
     def evaluate(data: dict, adapter: dict, ppo: dict) -> dict:
         return _step("evaluate", data["dataset_uri"], adapter["adapter_dir"], ppo["ppo_adapter_dir"])
 
-    @task
+    @task(**GPU)
     def champion_eval(data: dict) -> dict:
         return _step("champion_eval", data["dataset_uri"])
 

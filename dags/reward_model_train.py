@@ -32,6 +32,10 @@ Use it as the reward of `detox_retrain`: set its form field `reward_model` to
 `models:/<registered name>@champion`.
 """
 
+# Training and evaluation take a slot of the GPU pool and, with the Celery or Kubernetes
+# executor, run on the GPU workers' queue (docker/docker-compose.yml creates both).
+GPU = {"pool": os.environ.get("DETOX_GPU_POOL", "gpu"), "queue": os.environ.get("DETOX_GPU_QUEUE", "gpu")}
+
 FORM_PARAMS = {
     name: Param(None, **schema) for name, schema in form_field_schemas(RewardRunConfig, REWARD_FORM_FIELDS).items()
 }
@@ -76,11 +80,11 @@ def reward_model_train():
     def build_pairs(loaded: dict) -> dict:
         return _step("build_pairs", loaded["preferences_path"])
 
-    @task(execution_timeout=timedelta(hours=12))
+    @task(execution_timeout=timedelta(hours=12), **GPU)
     def train() -> dict:
         return _step("train")
 
-    @task
+    @task(**GPU)
     def evaluate() -> dict:
         return _step("evaluate")
 

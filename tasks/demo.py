@@ -144,7 +144,10 @@ def _run(dag_id: str, config, engine: str, overrides: dict, run_all) -> tuple[st
 
 
 def ensure_airflow_db() -> None:
-    """Create the demo's SQLite Airflow metadata database on first use."""
+    """Create the demo's SQLite Airflow metadata database on first use.
+
+    ``dags test`` runs tasks whatever their pool, so the demo needs no ``gpu`` pool.
+    """
     if not (Path(os.environ["AIRFLOW_HOME"]) / "airflow.db").exists():
         logger.info("initialising the Airflow metadata database (SQLite)")
         subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)

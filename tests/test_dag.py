@@ -104,3 +104,21 @@ def test_reward_schedule_from_the_environment(tmp_path, monkeypatch):
     (tmp_path / "reward_model_train.py").write_text((DAGS / "reward_model_train.py").read_text())
     scheduled = DagBag(dag_folder=str(tmp_path)).dags["reward_model_train"]
     assert "0 0 1 * *" in repr(scheduled.timetable)
+
+
+def test_training_and_evaluation_take_the_gpu_pool_and_queue(dag, reward_dag):
+    gpu_tasks = {"baseline_eval", "ppo_train", "evaluate", "champion_eval"}
+    for task in dag.tasks:
+        expected = ("gpu", "gpu") if task.task_id in gpu_tasks else ("default_pool", "default")
+        assert (task.pool, task.queue) == expected, task.task_id
+    assert {t.task_id for t in reward_dag.tasks if t.pool == "gpu" and t.queue == "gpu"} == {"train", "evaluate"}
+
+
+def test_gpu_pool_and_queue_from_the_environment(tmp_path, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("DETOX_GPU_POOL", "a100")
+    monkeypatch.setenv("DETOX_GPU_QUEUE", "cuda-workers")
+    (tmp_path / "detox_retrain.py").write_text((DAGS / "detox_retrain.py").read_text())
+    task = DagBag(dag_folder=str(tmp_path)).dags["detox_retrain"].get_task("ppo_train")
+    assert (task.pool, task.queue) == ("a100", "cuda-workers")
