@@ -36,7 +36,8 @@ class LocalS3ServerError(RuntimeError):
     """The local S3 server could not be started."""
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -75,7 +76,7 @@ class LocalS3Server:
         attempts = 1 if self._requested_port is not None else 3
         last_error: LocalS3ServerError | None = None
         for _ in range(attempts):
-            self.port = self._requested_port or _free_port(self.host)
+            self.port = self._requested_port or free_port(self.host)
             try:
                 self._spawn()
                 self._wait_until_ready()

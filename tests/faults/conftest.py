@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.local_s3 import free_port
+
 
 class FaultyProxy:
     """A TCP proxy on ``127.0.0.1:<port>`` in front of a real server.
@@ -23,9 +25,7 @@ class FaultyProxy:
 
     def __init__(self, target_port: int, target_host: str = "127.0.0.1"):
         self.target = (target_host, target_port)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self._listener: socket.socket | None = None
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -119,9 +119,7 @@ class MlflowServer:
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self._process: subprocess.Popen | None = None
 
     def __enter__(self) -> MlflowServer:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from tasks import tracking
@@ -74,8 +75,6 @@ def test_both_runs_finish_with_their_own_files(two_runs):
     assert len(set(weights.values())) == 2  # two seeds, two models: neither run overwrote the other
 
     for version in tracking.client().search_model_versions(f"name = '{NAME}'"):
-        import mlflow
-
         downloaded = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version.version}"))
         (model_file,) = downloaded.rglob("model.safetensors")
         assert hashlib.sha256(model_file.read_bytes()).hexdigest() == weights[version.run_id]

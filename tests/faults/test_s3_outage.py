@@ -4,8 +4,10 @@ then either succeed once S3 is back or fail naming the endpoint, leaving no part
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+from urllib.parse import urlparse
 
 import pytest
 
@@ -19,9 +21,6 @@ FAST = Backoff(attempts=8, first_delay_s=0.25, max_delay_s=1.0)
 @pytest.fixture
 def s3_behind_proxy(demo, faulty_proxy, monkeypatch):
     """The demo's S3 server (holding the SFT adapter) reached only through a proxy we can take down."""
-    import os
-    from urllib.parse import urlparse
-
     proxy = faulty_proxy(urlparse(os.environ["AWS_ENDPOINT_URL_S3"]).port)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
     return proxy

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import shutil
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +16,7 @@ import pytest
 from tasks import tracking
 from tasks.config import RewardRunConfig, RunConfig
 from tasks.connections import apply_connections
+from tasks.local_s3 import free_port
 from tasks.models import RewardModel, load_policy
 
 
@@ -82,8 +83,6 @@ def test_connection_credentials_reach_the_environment_but_not_the_log(monkeypatc
     with caplog.at_level(logging.DEBUG):
         names = apply_connections(connections.get)
 
-    import os
-
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == "s3-secret-value"
     assert os.environ["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
     assert os.environ["MLFLOW_TRACKING_URI"] == "https://mlflow:5000"
@@ -94,9 +93,7 @@ def test_connection_credentials_reach_the_environment_but_not_the_log(monkeypatc
 
 
 def test_a_password_in_the_tracking_uri_stays_out_of_the_error(monkeypatch):
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ops:uri-secret-value@127.0.0.1:{port}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
