@@ -2,15 +2,18 @@
 
 Speed, in one process, on the same policy, batch, prompts and length bounds:
 
-* **seeds' loop** — what the seed notebooks ran each PPO step: for every prompt, draw a
-  length from the LengthSampler, one ``generate`` call for that prompt alone, decode;
-  then the reward pipeline (``text-classification``, raw logits, batch 16) over each
-  prompt + response, as the seeds scored it;
-* **batched rollout** — :meth:`tasks.ppo.PPOTrainer.rollout`: one ``generate`` for the
-  batch, one reward call, *plus* the policy, reference and value forward passes that
-  the seeds' loop leaves to the PPO step. The comparison is therefore conservative.
+* **seeds' loop** — what the seed notebooks ran each PPO step before ``ppo_trainer.step``:
+  for every prompt, draw a length from the LengthSampler, one ``generate`` call for that
+  prompt alone, decode; then the reward pipeline (``text-classification``, raw logits,
+  batch 16) over each prompt + response, as the seeds scored it;
+* **batched generate-and-score** — :meth:`tasks.ppo.PPOTrainer.generate_and_score`, the same
+  work: one batched decode with a length budget per sample, one reward call;
+* **full rollout** — :meth:`tasks.ppo.PPOTrainer.rollout`: the above plus the policy, reference
+  and value forward passes over the responses, which the seeds ran inside ``ppo_trainer.step``
+  and which are not counted on the seeds' side.
 
-Prints samples per second of both and a line ``rollout speed-up: N.Nx`` per batch size.
+Prints samples per second of each, a line ``rollout speed-up: N.Nx`` (seeds' loop against the
+batched generate-and-score) and the full rollout's ratio to the seeds' loop, per batch size.
 
 Memory, each measurement in a fresh process (peak GPU memory allocated on CUDA, peak
 resident set size above the process's size before loading anything on CPU):
@@ -18,10 +21,16 @@ resident set size above the process's size before loading anything on CPU):
 * **inference** — the policy (SFT merged) and the reward model, one batched sample
   and score of ``--memory-batch`` prompts;
 * **PPO training** — the PPO policy, value head and reward model, one full PPO step
-  (rollout + update, mini-batches of 8) on the same prompts, reference = the adapter
+  (rollout + update in the production default's mini-batches of 4) on the same prompts, reference = the adapter
   switched off; once as is and once with ``ppo.gradient_checkpointing``;
 * **seeds' layout** — the same step with a frozen second copy of the policy held as
   the reference, as the seeds' ``create_reference_model`` did.
+
+On CPU each is measured twice: under glibc's default allocator settings, which keep freed
+blocks of up to 32 MB in the process's heaps (so peak RSS also counts what the allocator held
+on to), and with ``MALLOC_MMAP_THRESHOLD_`` at 1 MiB, where every block of 1 MiB or more goes
+back to the system when it is freed and peak RSS follows the memory that was live, as
+``max_memory_allocated`` does on CUDA.
 
 Models: ``demo`` is the embedded default (built on first use); ``flan-t5-base`` and
 ``tinyllama`` are built from those architectures' configs with random weights (speed and
@@ -32,6 +41,7 @@ is exactly a second set of weights.
 
     python benchmarks/ppo_rollout.py                                   # demo model, CPU
     python benchmarks/ppo_rollout.py --model flan-t5-base --device cuda
+    python benchmarks/ppo_rollout.py --model tinyllama --device cuda --load-in-4bit --memory-model tinyllama
 """
 
 from __future__ import annotations
@@ -75,7 +85,7 @@ SIZED_CONFIGS = {
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare(model: str, workdir: Path, device: str) -> dict:
+def prepare(model: str, workdir: Path, device: str, load_in_4bit: bool = False) -> dict:
     """Paths and settings of the benchmark's policy, reward model and prompts."""
     from tasks.embedded import build_embedded_default
 
@@ -90,6 +100,7 @@ def prepare(model: str, workdir: Path, device: str) -> dict:
             "prompt_tokens": config.data.max_prompt_tokens,
             "generation": config.generation.model_dump(),
             "lora": config.lora.model_dump(),
+            "load_in_4bit": False,
         }
     policy_dir = workdir / model
     if not (policy_dir / "config.json").exists():
@@ -107,6 +118,7 @@ def prepare(model: str, workdir: Path, device: str) -> dict:
             else config.generation.model_dump()
         ),
         "lora": {"r": 32, "alpha": 32, "dropout": 0.05},
+        "load_in_4bit": load_in_4bit,  # the TinyLlama seed's QLoRA (CUDA only)
     }
 
 
@@ -159,9 +171,10 @@ def build_trainer(
 
     lora = LoraSettings(**setup["lora"])
     sft = Path(setup["sft_adapter"]) if setup["sft_adapter"] else None
-    policy, tokenizer = build_policy(setup["policy"], sft, lora, device)
+    policy, tokenizer = build_policy(setup["policy"], sft, lora, device, load_in_4bit=setup["load_in_4bit"])
     reward = RewardModel(setup["reward"], batch_size=64, device=device)
-    ppo = PPOSettings(batch_size=batch_size, mini_batch_size=min(batch_size, 8), ppo_epochs=1, learning_rate=1e-4,
+    # mini-batches and everything else as in production (the seeds' mini-batch of 4)
+    ppo = PPOSettings(batch_size=batch_size, ppo_epochs=1, learning_rate=1e-4,
                       gradient_checkpointing=gradient_checkpointing)
     trainer = PPOTrainer(policy, ValueHead(policy.config.hidden_size), tokenizer, reward.reward, ppo,
                          GenerationSettings(**setup["generation"]), device)
@@ -218,6 +231,12 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - started
 
 
+def _median_time(fn, batches: list[list[list[int]]], device: str) -> float:
+    """Median seconds of ``fn(batch)`` over the batches, from the same random state each time."""
+    torch.manual_seed(0)
+    return statistics.median(timed(lambda b=b: fn(b), device) for b in batches)
+
+
 def speed(setup: dict, device: str, batch_sizes: list[int], repeats: int) -> list[dict]:
     trainer, _ = build_trainer(setup, device, max(batch_sizes))
     reward_pipe = seeds_reward_pipeline(setup, device)
@@ -227,17 +246,20 @@ def speed(setup: dict, device: str, batch_sizes: list[int], repeats: int) -> lis
     rows = []
     for batch_size in batch_sizes:
         batches = [prompts[i * batch_size : (i + 1) * batch_size] for i in range(repeats)]
-        torch.manual_seed(0)
-        seeds = statistics.median(timed(lambda b=b: seeds_loop(trainer, reward_pipe, b), device) for b in batches)
-        torch.manual_seed(0)
-        batched = statistics.median(timed(lambda b=b: trainer.rollout(b), device) for b in batches)
-        rows.append({"batch": batch_size, "seeds_s": seeds, "batched_s": batched})
+
+        seeds = _median_time(lambda b: seeds_loop(trainer, reward_pipe, b), batches, device)
+        batched = _median_time(trainer.generate_and_score, batches, device)
+        full = _median_time(trainer.rollout, batches, device)
+        rows.append({"batch": batch_size, "seeds_s": seeds, "batched_s": batched, "full_rollout_s": full})
         print(
             f"batch {batch_size:>3}: seeds' loop {batch_size / seeds:7.2f} samples/s ({seeds:6.2f} s)   "
-            f"batched rollout {batch_size / batched:7.2f} samples/s ({batched:6.2f} s)",
+            f"batched generate-and-score {batch_size / batched:7.2f} samples/s ({batched:6.2f} s)   "
+            f"full rollout {batch_size / full:7.2f} samples/s ({full:6.2f} s)",
             flush=True,
         )
         print(f"rollout speed-up: {seeds / batched:.1f}x (batch {batch_size})", flush=True)
+        print(f"full rollout, log-prob passes included on this side only: {seeds / full:.1f}x "
+              f"(batch {batch_size})", flush=True)
     return rows
 
 
@@ -280,7 +302,7 @@ def _memory_child(kind: str, setup: dict, device: str, batch_size: int, queue) -
         from tasks.models import load_policy, sample
 
         adapters = [Path(setup["sft_adapter"])] if setup["sft_adapter"] else []
-        model, tokenizer = load_policy(setup["policy"], adapters, device)
+        model, tokenizer = load_policy(setup["policy"], adapters, device, load_in_4bit=setup["load_in_4bit"])
         reward = RewardModel(setup["reward"], batch_size=64, device=device)
         prompts = load_prompts(setup, tokenizer, batch_size)
         tokens = special_tokens(model, tokenizer)
@@ -305,23 +327,45 @@ def _current_rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def memory(setup: dict, device: str, batch_size: int) -> None:
+MEMORY_KINDS = ("inference", "ppo_training", "ppo_checkpointed", "seeds_layout")
+ALLOCATORS = {
+    "glibc default": {},
+    "freed blocks returned": {"MALLOC_MMAP_THRESHOLD_": str(2**20)},
+}
+
+
+def _measure(kind: str, setup: dict, device: str, batch_size: int, environment: dict[str, str]) -> int:
+    """Peak memory of ``kind`` in a fresh process started with ``environment`` added."""
     context = multiprocessing.get_context("spawn")
-    peaks = {}
-    for kind in ("inference", "ppo_training", "ppo_checkpointed", "seeds_layout"):
+    saved = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)  # glibc reads its tunables when the child starts
+    try:
         queue = context.Queue()
         child = context.Process(target=_memory_child, args=(kind, setup, device, batch_size, queue))
         child.start()
-        peaks[kind] = queue.get()
-        child.join()
-        if child.exitcode != 0:
-            raise RuntimeError(f"memory measurement {kind} failed with exit code {child.exitcode}")
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    peak = queue.get()
+    child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"memory measurement {kind} failed with exit code {child.exitcode}")
+    return peak
+
+
+def memory(setup: dict, device: str, batch_size: int) -> None:
+    allocators = ALLOCATORS if device == "cpu" else {"CUDA caching allocator": {}}
     what = "peak GPU memory allocated" if device == "cuda" else "peak RSS above the empty process"
-    print(f"memory ({what}, batch {batch_size}):", flush=True)
-    for kind, peak in peaks.items():
-        print(f"  {kind:<16} {peak / 2**20:9.1f} MiB   {peak / peaks['inference']:.2f}x inference", flush=True)
-    best = min(peaks["ppo_training"], peaks["ppo_checkpointed"])
-    print(f"memory ratio PPO training / inference: {best / peaks['inference']:.2f}x", flush=True)
+    for allocator, environment in allocators.items():
+        peaks = {kind: _measure(kind, setup, device, batch_size, environment) for kind in MEMORY_KINDS}
+        print(f"memory ({what}, batch {batch_size}, {allocator}):", flush=True)
+        for kind, peak in peaks.items():
+            print(f"  {kind:<16} {peak / 2**20:9.1f} MiB   {peak / peaks['inference']:.2f}x inference", flush=True)
+        best = min(peaks["ppo_training"], peaks["ppo_checkpointed"])
+        print(f"memory ratio PPO training / inference: {best / peaks['inference']:.2f}x ({allocator})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,11 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="also time this many whole PPO steps")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="sized models in 4-bit NF4, as the TinyLlama seed (CUDA only)")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "detox-benchmarks"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    setup = prepare(args.model, Path(args.workdir), args.device)
+    setup = prepare(args.model, Path(args.workdir), args.device, args.load_in_4bit)
     print(f"model {args.model} on {args.device}, {torch.get_num_threads()} threads, "
           f"response length {setup['generation']['min_new_tokens']}-{setup['generation']['max_new_tokens']} tokens",
           flush=True)
@@ -350,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         step_time(setup, args.device, 16, args.steps)
     if not args.skip_memory:
         memory_setup = setup if args.memory_model == args.model else prepare(
-            args.memory_model, Path(args.workdir), args.device
+            args.memory_model, Path(args.workdir), args.device, args.load_in_4bit
         )
         print(f"memory model {args.memory_model}", flush=True)
         memory(memory_setup, args.device, args.memory_batch)

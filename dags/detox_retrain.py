@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from tasks.config import form_field_schemas
+from tasks.config import RunConfig, form_field_schemas
 
 DOC_MD = """
 # detox_retrain
@@ -68,8 +68,9 @@ FORM_PARAMS = {
         "profile": Param(
             os.environ.get("DETOX_PROFILE", "production"),
             type="string",
-            enum=["production", "demo"],
-            description="production: real models on GPU; demo: the embedded default on CPU.",
+            enum=list(RunConfig.profiles()),
+            description="production: FLAN-T5-base on GPU; production-tinyllama: TinyLlama-Chat in 4-bit "
+            "(QLoRA) on GPU; demo: the embedded default on CPU.",
         ),
         **FORM_PARAMS,
         "overrides": Param(

@@ -62,7 +62,7 @@ FORM_PARAMS = {
         "profile": Param(
             os.environ.get("DETOX_PROFILE", "production"),
             type="string",
-            enum=["production", "demo"],
+            enum=list(RewardRunConfig.profiles()),
             description="production: roberta-base on GPU; demo: the embedded preferences and tiny RoBERTa on CPU.",
         ),
         **FORM_PARAMS,

@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Any
 
-from tasks.config import ConfigError, RunConfig
+from tasks.config import ConfigError, RewardRunConfig, RunConfig
 
 STEPS = (
     "prepare-dataset",
@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--profile", choices=["demo", "production"], default="production")
+    def with_config(sub: argparse.ArgumentParser, config_class=RunConfig) -> None:
+        sub.add_argument("--profile", choices=list(config_class.profiles()), default="production")
         sub.add_argument("--config", help="JSON file of config fields (nested or dotted keys)")
         sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one field")
 
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     reward = commands.add_parser("reward-train", help="every reward_model_train step in order, in this process")
     reward.add_argument("--run-id", required=True, help="names the run folder and the MLflow run")
-    with_config(reward)
+    with_config(reward, RewardRunConfig)
 
     build = commands.add_parser("build-embedded", help="build the embedded default's data set and models")
     build.add_argument("--seed", type=int, default=0)
@@ -138,7 +138,6 @@ def _dispatch(args: argparse.Namespace) -> dict | None:
             return run_reward_pipeline(args.engine, parse_overrides(args.set))
     if args.command == "reward-train":
         from tasks import reward_pipeline
-        from tasks.config import RewardRunConfig
 
         config = load_config(args, RewardRunConfig)
         ctx = StepContext(run_key=args.run_id, dag_id="cli")

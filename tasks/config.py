@@ -4,18 +4,21 @@ Every knob the seed notebooks hard-coded is a documented field here. The Airflow
 DAG's Params and the ``detox`` command line both map onto :class:`RunConfig`;
 unknown fields are rejected with an error that names them.
 
-Two profiles:
+Profiles:
 
 * ``demo`` — the embedded default: tiny models and a synthetic data set that the
   project builds itself under ``DETOX_HOME`` (see :mod:`tasks.embedded`), an S3
   server on loopback, MLflow on SQLite. Runs on a laptop CPU in minutes.
 * ``production`` — the seeds' real models (FLAN-T5 summarizer with its SFT LoRA
   adapter in S3, Meta's RoBERTa hate-speech classifier as reward) on a GPU.
+* ``production-tinyllama`` (retraining only) — the third seed's setup: TinyLlama-1.1B-Chat
+  loaded in 4-bit NF4 (QLoRA), its SFT adapter kept as a frozen adapter, the same reward.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +28,6 @@ from tasks.errors import InputError
 
 PROMPT_TEMPLATE = "\nSummarize the following conversation.\n\n{dialogue}\n\nSummary:\n"
 
-Profile = Literal["demo", "production"]
 
 
 class _Section(BaseModel):
@@ -75,6 +77,11 @@ class ModelConfig(_Section):
     )
     bnb_4bit_compute_dtype: Literal["float16", "bfloat16"] = Field(
         "float16", description="Compute dtype of the 4-bit layers."
+    )
+    eos_token: str | None = Field(
+        None,
+        description="Token that ends a response, e.g. a chat model's end of turn '<|im_end|>'; None: the "
+        "tokenizer's EOS token.",
     )
     sft_adapter_uri: str = Field(
         "s3://detox-adapters/flan-t5-base-dialogsum-sft",
@@ -177,14 +184,25 @@ class PPOSettings(_Section):
         5, gt=0, description="Steps between checkpoints; a retried ppo_train resumes from the last one."
     )
     keep_checkpoints: int = Field(2, gt=0, description="Most recent checkpoints kept on disk.")
+    num_processes: int = Field(
+        0, ge=0, description="Data-parallel training processes on the worker (torchrun + accelerate), each "
+        "with batch_size / num_processes prompts per step; 0: one per visible GPU, one on CPU.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PPOSettings:
-        if self.batch_size % self.mini_batch_size:
-            raise ValueError("batch_size must be a multiple of mini_batch_size")
+        check_batch_split(self, self.num_processes or 1)
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise ValueError("mini_batch_size must be a multiple of gradient_accumulation_steps")
         return self
+
+
+def check_batch_split(ppo: PPOSettings, processes: int) -> None:
+    """Each of ``processes`` gets batch_size / processes prompts, a whole number of mini-batches."""
+    if ppo.batch_size % (processes * ppo.mini_batch_size):
+        across = f" across {processes} processes" if processes > 1 else ""
+        raise ValueError(f"batch_size {ppo.batch_size} must split into mini-batches of {ppo.mini_batch_size}"
+                         f"{across}: make it a multiple of {processes * ppo.mini_batch_size}")
 
 
 class EvalSettings(_Section):
@@ -232,7 +250,7 @@ class PromotionSettings(_Section):
 class _Run(_Section):
     """What every workflow run has: a profile, a run folder, an MLflow experiment and a registry entry."""
 
-    profile: Profile = "production"
+    profile: str = Field("production", description="The profile whose defaults the run started from.")
     artifact_root: str = Field(".detox/artifacts", description="Local folder under which every run keeps its files.")
     experiment_name: str = Field(description="MLflow experiment of the runs.")
     mlflow_artifact_location: str | None = Field(
@@ -244,16 +262,23 @@ class _Run(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
 
     @classmethod
-    def _demo_profile(cls) -> dict[str, Any]:
-        """The demo profile's field values (the embedded default)."""
+    def profiles(cls) -> dict[str, Callable[[], dict[str, Any]]]:
+        """Each profile's name and the field values it sets (the rest keep the class defaults)."""
         raise NotImplementedError
 
+    @model_validator(mode="after")
+    def _known_profile(self) -> _Run:
+        if self.profile not in self.profiles():
+            raise ValueError(f"unknown profile {self.profile!r}: expected one of {sorted(self.profiles())}")
+        return self
+
     @classmethod
-    def for_profile(cls, profile: Profile, overrides: dict[str, Any] | None = None):
+    def for_profile(cls, profile: str, overrides: dict[str, Any] | None = None):
         """The profile's defaults with ``overrides`` (nested dicts or dotted keys) applied."""
-        if profile not in ("demo", "production"):
-            raise ConfigError(f"unknown profile {profile!r}: expected 'demo' or 'production'")
-        base = cls._demo_profile() if profile == "demo" else {"profile": "production"}
+        profiles = cls.profiles()
+        if profile not in profiles:
+            raise ConfigError(f"unknown profile {profile!r}: expected one of {', '.join(repr(p) for p in profiles)}")
+        base = profiles[profile]() | {"profile": profile}
         merged = _deep_merge(base, _undot(overrides or {}))
         try:
             return cls.model_validate(merged)
@@ -279,8 +304,8 @@ class RunConfig(_Run):
     promotion: PromotionSettings = PromotionSettings()
 
     @classmethod
-    def _demo_profile(cls) -> dict[str, Any]:
-        return _demo_defaults()
+    def profiles(cls) -> dict[str, Callable[[], dict[str, Any]]]:
+        return {"production": dict, "production-tinyllama": _tinyllama_defaults, "demo": _demo_defaults}
 
 
 class PreferenceDataConfig(_Section):
@@ -331,8 +356,8 @@ class RewardRunConfig(_Run):
     gate: RewardGateSettings = RewardGateSettings()
 
     @classmethod
-    def _demo_profile(cls) -> dict[str, Any]:
-        return _reward_demo_defaults()
+    def profiles(cls) -> dict[str, Callable[[], dict[str, Any]]]:
+        return {"production": dict, "demo": _reward_demo_defaults}
 
 
 class ConfigError(InputError, ValueError):
@@ -361,6 +386,32 @@ def _reward_demo_defaults() -> dict[str, Any]:
 
 
 DEMO_PREFERENCES_URI = "s3://detox-demo/preferences/rankings.jsonl"
+
+
+CHATML_PROMPT_TEMPLATE = (
+    "<|im_start|>user\nSummarize the following conversation.\n\n{dialogue}<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def _tinyllama_defaults() -> dict[str, Any]:
+    """The third seed's setup: TinyLlama-1.1B-Chat (ChatML turns) in 4-bit NF4 with float16 compute,
+    LoRA r=16 / alpha 16, responses of 100-300 tokens. The seed's batch of 2 was what fitted a
+    Colab T4; the GPU worker keeps the FLAN-T5 seed's batch of 16 in mini-batches of 4."""
+    return {
+        "experiment_name": "detox-retrain-tinyllama",
+        "registered_model_name": "detox-summarizer-tinyllama",
+        "data": {"prompt_template": CHATML_PROMPT_TEMPLATE},
+        "model": {
+            "policy_name": "PY007/TinyLlama-1.1B-Chat-v0.3",
+            "policy_family": "causal",
+            "load_in_4bit": True,
+            "bnb_4bit_compute_dtype": "float16",
+            "eos_token": "<|im_end|>",  # the seed's CHAT_EOS_TOKEN_ID 32002: the end of the assistant's turn
+            "sft_adapter_uri": "s3://detox-adapters/tinyllama-chat-dialogsum-sft",
+        },
+        "lora": {"r": 16, "alpha": 16, "dropout": 0.05},
+        "generation": {"min_new_tokens": 100, "max_new_tokens": 300},
+    }
 
 
 def _demo_defaults() -> dict[str, Any]:

@@ -93,6 +93,9 @@ def causal_overrides(home: Path | None = None) -> dict:
         "model.policy_name": str(causal_paths(home).policy_base),
         "model.sft_adapter_uri": CAUSAL_ADAPTER_URI,
         "registered_model_name": "detox-summarizer-causal-demo",
+        # The synthetic references of heated dialogues repeat their insults: the tiny Llama loses
+        # 5-6% ROUGE-L whenever PPO halves its toxicity (the T5 gains), so its gate tolerates 8%.
+        "promotion.max_rouge_l_drop": 0.08,
     }
 
 

@@ -1,8 +1,10 @@
 """Loading the policy (seq2seq or causal) and the reward classifier, and sampling from the policy.
 
 Models are read as safetensors only; ``trust_remote_code`` stays off unless the run
-config turns it on. A name is either a local folder or a Hugging Face Hub repository
-(the Hub path needs network; the embedded default never takes it).
+config turns it on. A name is a local folder, a Hugging Face Hub repository (the Hub
+path needs network, or ``HF_ENDPOINT`` pointing at a Hub mirror; the embedded default
+never takes it), or ``s3://bucket/prefix`` of a model mirrored in a bucket
+(:func:`tasks.storage.mirrored_model`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from tasks.config import GenerationSettings
+from tasks.storage import mirrored_model
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +53,24 @@ def policy_family(policy_name: str, requested: str = "auto", trust_remote_code: 
         return requested  # type: ignore[return-value]
     if requested != "auto":
         raise ValueError(f"unknown policy family {requested!r}: expected 'auto', 'seq2seq' or 'causal'")
-    config = AutoConfig.from_pretrained(policy_name, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(mirrored_model(policy_name), trust_remote_code=trust_remote_code)
     return "seq2seq" if getattr(config, "is_encoder_decoder", False) else "causal"
 
 
-def load_tokenizer(policy_name: str, family: PolicyFamily, trust_remote_code: bool = False):
+def load_tokenizer(
+    policy_name: str, family: PolicyFamily, trust_remote_code: bool = False, eos_token: str | None = None
+):
     """The policy's tokenizer; a causal one pads on the left (prompts end where responses begin)
-    and borrows EOS as its pad token when it has none (Llama)."""
-    tokenizer = AutoTokenizer.from_pretrained(policy_name, trust_remote_code=trust_remote_code)
+    and borrows EOS as its pad token when it has none (Llama).
+
+    ``eos_token`` replaces the tokenizer's EOS token: a chat model's answer ends with its end
+    of turn (``<|im_end|>`` in ChatML), not with the end of the whole text.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(mirrored_model(policy_name), trust_remote_code=trust_remote_code)
+    if eos_token is not None:
+        if eos_token not in tokenizer.get_vocab():
+            raise ValueError(f"eos_token {eos_token!r} is not a token of the tokenizer of {policy_name}")
+        tokenizer.eos_token = eos_token
     if family == "causal":
         tokenizer.padding_side = "left"
         if tokenizer.pad_token_id is None:
@@ -87,7 +100,7 @@ def load_base_policy(
             bnb_4bit_use_double_quant=False,
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    return model_class.from_pretrained(policy_name, **kwargs)
+    return model_class.from_pretrained(mirrored_model(policy_name), **kwargs)
 
 
 def load_policy(
@@ -98,6 +111,7 @@ def load_policy(
     family: str = "auto",
     load_in_4bit: bool = False,
     compute_dtype: str = "float16",
+    eos_token: str | None = None,
 ):
     """Base policy with each LoRA adapter applied in order, ready for inference.
 
@@ -107,7 +121,7 @@ def load_policy(
     from peft import PeftModel
 
     resolved = policy_family(policy_name, family, trust_remote_code)
-    tokenizer = load_tokenizer(policy_name, resolved, trust_remote_code)
+    tokenizer = load_tokenizer(policy_name, resolved, trust_remote_code, eos_token)
     model = load_base_policy(policy_name, resolved, load_in_4bit, compute_dtype, trust_remote_code)
     if load_in_4bit and adapter_dirs:
         names = [f"adapter_{index}" for index in range(len(adapter_dirs))]
@@ -238,7 +252,7 @@ def sample(
                 use_cache=True, logits_to_keep=1,
             )
         scores = warpers(step_ids, output.logits[:, -1].float())
-        next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        next_tokens = draw_categorical(torch.softmax(scores, dim=-1))
         responses[rows, step] = next_tokens
         finished = (next_tokens == tokens.eos) | (budget[rows] <= step + 1)
         if bool(finished.all()):
@@ -256,6 +270,19 @@ def sample(
             mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
             positions = positions[:, -1:] + 1
     return responses
+
+
+def draw_categorical(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``probs`` [B, V], drawn with probability proportional to its entry.
+
+    Inverse transform sampling: one uniform number per row, placed in the row's cumulative
+    sum (float64, so entries far below float32's resolution keep their share). An index of
+    probability 0 is never drawn. ``torch.multinomial`` draws an exponential variate for every
+    vocabulary entry instead, which made it a tenth of a CPU decoding step.
+    """
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    uniform = torch.rand((probs.shape[0], 1), dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, uniform, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
 
 
 def _sampling_warpers(generation: GenerationSettings) -> LogitsProcessorList:
@@ -301,7 +328,7 @@ class RewardModel:
         self.device = torch.device(device)
         self.tokenizer = load_reward_tokenizer(name, trust_remote_code)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            name, use_safetensors=True, trust_remote_code=trust_remote_code
+            mirrored_model(name), use_safetensors=True, trust_remote_code=trust_remote_code
         ).to(self.device).eval()
         self.scalar = self.model.config.num_labels == 1
         self.reward_index = 0 if self.scalar else self.label_index(reward_label)
@@ -352,6 +379,6 @@ class RewardModel:
 
 def load_reward_tokenizer(name: str, trust_remote_code: bool = False):
     """A reward model's tokenizer, truncating on the left: an over-long prompt + response keeps the response."""
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(mirrored_model(name), trust_remote_code=trust_remote_code)
     tokenizer.truncation_side = "left"
     return tokenizer

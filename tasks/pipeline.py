@@ -100,11 +100,12 @@ def prepare_dataset(config: RunConfig, ctx: StepContext) -> dict:
     from transformers import AutoTokenizer
 
     from tasks.data import prepare_dataset as build
+    from tasks.storage import mirrored_model
 
     paths = layout(config, ctx)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("prepare_dataset"))
     tokenizer = AutoTokenizer.from_pretrained(
-        config.model.policy_name, trust_remote_code=config.model.trust_remote_code
+        mirrored_model(config.model.policy_name), trust_remote_code=config.model.trust_remote_code
     )
     prepared = build(config.data, tokenizer, paths.dataset, cache_dir=paths.root / "downloads")
     tracking.log_params(run_id, {"source": config.data.source, "fingerprint": prepared.fingerprint}, "data/")
@@ -240,7 +241,7 @@ def _evaluate_step(config: RunConfig, ctx: StepContext, prefix: str, adapters: l
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags(prefix))
     splits, prepared = load_prepared(dataset_uri or paths.dataset)
     device = resolve_device(config.device)
-    model, tokenizer = load_policy(config.model.policy_name, adapters, device, **_loading(config))
+    model, tokenizer = load_policy(config.model.policy_name, adapters, device, **policy_loading(config))
     summary = _score(config, model, tokenizer, splits["test"], device, out_dir, prefix)
     fingerprint = eval_fingerprint(config, prepared.fingerprint, summary.num_samples)
     tracking.log_metrics(run_id, summary.to_dict(), f"{prefix}/")
@@ -273,40 +274,35 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
     is unreachable training goes on and the metrics wait in the checkpoints; if it is still
     unreachable at the end the task fails, and its retry only logs what is missing.
     """
-    from tasks.ppo import PPOTrainer, ValueHead, build_policy, latest_checkpoint
+    from tasks.ppo import checkpoint_step, latest_checkpoint
+    from tasks.ppo_workers import PPOJob, launch_workers, processes_for, publish, train_ppo
     from tasks.reward_model import resolve_reward_model
 
     paths = layout(config, ctx)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("ppo_train"))
-    splits, _ = load_prepared(dataset_uri or paths.dataset)
     device = resolve_device(config.device)
-    torch.manual_seed(config.ppo.seed)
-    policy, tokenizer = build_policy(
-        config.model.policy_name, Path(adapter_dir or paths.sft_adapter), config.lora, device, **_loading(config)
-    )
-    value_head = ValueHead(policy.config.hidden_size, init_std=config.ppo.value_head_init_std).to(device)
     reward_source, reward_tags = resolve_reward_model(config.model.reward_model_name, paths.ppo / "reward-model")
     tracking.set_tags(run_id, reward_tags)
-    reward_model = _classifier(config, reward_source, device)
-    trainer = PPOTrainer(policy, value_head, tokenizer, reward_model.reward, config.ppo, config.generation, device)
-    checkpoints = paths.ppo / "checkpoints"
-    resume_from = latest_checkpoint(checkpoints)
-    resumed_from_step = None
-    if resume_from is not None:
-        trainer.load_checkpoint(resume_from)
-        resumed_from_step = trainer.steps_done
-        logger.info("ppo_train resumes after step %d of %d", trainer.steps_done, config.ppo.steps)
-    tracking.set_tags(run_id, {"ppo.resumed_from_step": resumed_from_step or 0})
+    job = PPOJob(config=config.model_dump(mode="json"), dataset=str(dataset_uri or paths.dataset),
+                 sft_adapter=str(adapter_dir or paths.sft_adapter), reward_model=str(reward_source),
+                 out_dir=str(paths.ppo), device=device.type)
+    checkpoints = job.checkpoints
 
-    def on_checkpoint(path: Path) -> None:
+    def on_checkpoint(history: list[dict]) -> None:
         try:
-            tracking.log_step_history(run_id, trainer.history, "ppo/")
+            tracking.log_step_history(run_id, history, "ppo/")
         except tracking.TrackingUnavailableError as error:
             # Training goes on: the steps are in the checkpoint and reach MLflow with a later one.
-            logger.warning("step metrics not logged, they wait in %s: %s", path, error)
+            logger.warning("step metrics not logged, they wait in %s: %s", latest_checkpoint(checkpoints), error)
 
-    history = trainer.train(list(splits["train"]["input_ids"]), config.ppo.steps,
-                            checkpoint_dir=checkpoints, on_checkpoint=on_checkpoint)
+    processes = processes_for(config, device)
+    resume_from = latest_checkpoint(checkpoints)
+    resumed_from_step = checkpoint_step(resume_from) if resume_from is not None else None
+    tracking.set_tags(run_id, {"ppo.processes": processes, "ppo.resumed_from_step": resumed_from_step or 0})
+    if processes == 1:
+        history = train_ppo(job, on_checkpoint=on_checkpoint)
+    else:
+        history = launch_workers(job, processes, on_checkpoint=on_checkpoint)
     try:
         tracking.log_step_history(run_id, history, "ppo/")
     except tracking.TrackingUnavailableError as error:
@@ -315,7 +311,7 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
             f"Retry the task once MLflow is back: it resumes from {latest_checkpoint(checkpoints)} without "
             f"training again and logs the missing steps into the same run. ({error})"
         ) from error
-    trainer.save(paths.ppo)
+    publish(job)
     (paths.ppo / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
     final = history[-1]
     return {"ppo_adapter_dir": str(paths.ppo_adapter), "steps": len(history),
@@ -460,24 +456,25 @@ def _read_json(path: Path, producer: str) -> dict:
     return json.loads(path.read_text())
 
 
-def _loading(config: RunConfig) -> dict:
+def policy_loading(config: RunConfig) -> dict:
     """How the policy is loaded, as keyword arguments of ``load_policy`` and ``build_policy``."""
     return {
         "trust_remote_code": config.model.trust_remote_code,
         "family": config.model.policy_family,
         "load_in_4bit": config.model.load_in_4bit,
         "compute_dtype": config.model.bnb_4bit_compute_dtype,
+        "eos_token": config.model.eos_token,
     }
 
 
 def _toxicity_model(config: RunConfig, device: torch.device) -> RewardModel:
     """The classifier that measures toxicity (``model.toxicity_model_name``, else the reward model)."""
-    scorer = _classifier(config, config.model.toxicity_scorer, device)
+    scorer = classifier(config, config.model.toxicity_scorer, device)
     scorer.label_index(config.model.toxic_label)  # a model without the label fails here, not after generating
     return scorer
 
 
-def _classifier(config: RunConfig, name: str, device: torch.device) -> RewardModel:
+def classifier(config: RunConfig, name: str, device: torch.device) -> RewardModel:
     return RewardModel(
         name,
         reward_label=config.model.reward_label,

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +43,14 @@ from peft import (
     prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
+from peft.tuners.lora import Linear as LoraLinear
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutput
 
-from tasks.config import GenerationSettings, LoraSettings, PPOSettings
+from tasks.config import GenerationSettings, LoraSettings, PPOSettings, check_batch_split
 from tasks.fsutil import replace_dir
 from tasks.models import (
     load_base_policy,
@@ -60,6 +61,9 @@ from tasks.models import (
     sample,
     special_tokens,
 )
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +158,36 @@ def kl_penalty(
     if estimator == "k3":
         return torch.expm1(-logratio) + logratio
     raise ValueError(f"unknown KL estimator {estimator!r}: expected 'k1', 'abs', 'mse' or 'k3'")
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(logits / temperature)`` at ``tokens``: [B, T, V] logits, [B, T] tokens -> [B, T].
+
+    Computed as ``logit[token] - logsumexp(logits)``, one sample at a time, in float32. The
+    vocabulary-wide temporaries (the scaled logits, their exponentials, the backward pass's
+    softmax) then exist for one sample, never for the whole batch, and no [B, T, V]
+    log-softmax is kept for the backward pass: with a 32k vocabulary these dominate the
+    update's memory. TRL's ``selective_log_softmax`` does the same.
+    """
+    rows = []
+    for row_logits, row_tokens in zip(logits, tokens, strict=True):
+        row_logits = row_logits.float()
+        if temperature != 1.0:
+            row_logits = row_logits / temperature
+        picked = torch.gather(row_logits, -1, row_tokens.unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of ``softmax(logits / temperature)`` at each position, [B, T, V] -> [B, T], one
+    sample at a time (as :func:`token_logprobs`); for logging, so no gradient."""
+    rows = []
+    with torch.no_grad():
+        for row_logits in logits:
+            logprobs = F.log_softmax(row_logits.float() / temperature, dim=-1)
+            rows.append(-(logprobs.exp() * logprobs).sum(dim=-1))
+    return torch.stack(rows)
 
 
 def policy_loss(
@@ -342,6 +376,7 @@ def build_policy(
     load_in_4bit: bool = False,
     compute_dtype: str = "float16",
     merge_sft: bool | None = None,
+    eos_token: str | None = None,
 ) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """The PPO policy: the base model (seq2seq or causal), the SFT adapter, a fresh LoRA adapter on top.
 
@@ -365,13 +400,13 @@ def build_policy(
     if merge_sft or sft_adapter_dir is None:
         adapters = [Path(sft_adapter_dir)] if sft_adapter_dir is not None else []
         model, tokenizer = load_policy(
-            policy_name, adapters, "cpu", trust_remote_code, resolved, load_in_4bit, compute_dtype
+            policy_name, adapters, "cpu", trust_remote_code, resolved, load_in_4bit, compute_dtype, eos_token
         )
         if load_in_4bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         policy = get_peft_model(model, lora_config, adapter_name=PPO_ADAPTER)
     else:
-        tokenizer = load_tokenizer(policy_name, resolved, trust_remote_code)
+        tokenizer = load_tokenizer(policy_name, resolved, trust_remote_code, eos_token)
         model = load_base_policy(policy_name, resolved, load_in_4bit, compute_dtype, trust_remote_code)
         if load_in_4bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -421,6 +456,46 @@ def reference_policy(policy: PeftModel) -> Iterator[None]:
         _activate_policy_adapters(policy)
 
 
+@contextmanager
+def folded_adapters(policy: PeftModel, modules: nn.Module) -> Iterator[None]:
+    """Inside the block the LoRA layers under ``modules`` run as plain linear layers whose weight
+    is a copy with the active adapters folded in, ``W + scaling * B @ A``: one matmul per layer
+    instead of three plus the adapter's bookkeeping, which is most of a decoding step's cost
+    on small models, and kernel launches on a GPU.
+
+    The original weight tensors are put back untouched when the block ends (peft's
+    ``merge_adapter``/``unmerge_adapter`` would add and subtract the update in place, and
+    rounding would move the reference's weights a little every step). The copies cost the
+    memory of the adapted weights under ``modules`` (for a seq2seq sampler, the decoder's) for the
+    duration of the block. Layers outside ``modules``, and layers whose adapters are switched off
+    (:func:`reference_policy`), are left as they are. Nothing is folded on a quantized base, or
+    when a layer is not a plain LoRA linear layer (DoRA and other variants).
+    """
+    layers = [module for module in modules.modules() if isinstance(module, LoraLinear)]
+    if _is_quantized(policy) or any(type(layer) is not LoraLinear or layer.lora_variant for layer in layers):
+        yield
+        return
+    folded_layers: list[tuple[LoraLinear, nn.Parameter]] = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                active = [name for name in layer.active_adapters if name in layer.lora_A]
+                if layer.disable_adapters or not active:
+                    continue
+                base = layer.get_base_layer()
+                folded = base.weight.detach().clone()
+                for name in active:
+                    folded += layer.get_delta_weight(name).to(folded.dtype)
+                folded_layers.append((layer, base.weight))
+                base.weight = nn.Parameter(folded, requires_grad=False)
+                layer.enable_adapters(False)  # the layer now runs its base layer alone
+        yield
+    finally:
+        for layer, weight in folded_layers:
+            layer.get_base_layer().weight = weight
+            layer.enable_adapters(True)
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Dropout off for good, whatever the mode: ``nn.Dropout`` modules (LoRA's included) and the
     probabilities attention layers pass to functional dropout (T5's ``dropout``, Llama's
@@ -443,9 +518,10 @@ def _is_quantized(model: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Rollout:
-    """One batch of sampled responses and everything PPO needs from the sampling policy.
+@dataclass(kw_only=True)
+class Responses:
+    """One response sampled per prompt and its reward: what the seeds' generate-and-score loop
+    produced, from one batched decode and one reward call.
 
     Token tensors are [B, T] on the trainer's device; ``response_ids`` holds the pad token
     wherever ``response_mask`` is 0.
@@ -460,6 +536,12 @@ class Rollout:
     rewards: torch.Tensor  # [B] reward_fn(texts), as the reward model gave them
     ended: torch.Tensor  # [B] bool, the response ended with EOS within its budget
     scores: torch.Tensor  # [B] the score PPO optimises: rewards minus the missing-EOS penalty
+
+
+@dataclass(kw_only=True)
+class Rollout(Responses):
+    """The responses plus everything PPO needs from the sampling policy and the reference."""
+
     logprobs: torch.Tensor  # [B, T] log pi_old(token), logits / temperature
     ref_logprobs: torch.Tensor  # [B, T] same under the reference (PPO adapter off)
     values: torch.Tensor  # [B, T] value head on the rollout policy
@@ -480,6 +562,12 @@ class PPOTrainer:
     off, so the first mini-batch's ratio is exactly 1 (Huang et al.). With
     ``ppo.gradient_checkpointing`` the update runs in train mode, the only mode in which
     transformers checkpoints; dropout stays off.
+
+    With an ``accelerator`` of several processes (:mod:`tasks.ppo_workers`) training is data
+    parallel: each process takes its share of every batch (the same prompts, in the same
+    order, as one process would), samples with its own random stream, and applies the mean of
+    all processes' gradients. The KL that steers the coefficient and the ceiling is the whole
+    batch's; advantages are whitened per process; the metrics cover the whole batch.
     """
 
     def __init__(
@@ -491,8 +579,15 @@ class PPOTrainer:
         ppo: PPOSettings,
         generation: GenerationSettings,
         device: str | torch.device,
+        accelerator: Accelerator | None = None,
     ):
         self.device = torch.device(device)
+        # Data parallelism (tasks.ppo_workers): every process holds the whole policy, samples its
+        # share of each batch, and the gradients are averaged before each optimizer step.
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.processes = accelerator.num_processes if accelerator is not None else 1
+        check_batch_split(ppo, self.processes)
         self.policy = policy if _is_quantized(policy) else policy.to(self.device)
         self.value_head = value_head.to(self.device)
         self.tokenizer = tokenizer
@@ -588,50 +683,60 @@ class PPOTrainer:
         """Log-probs of ``response_ids`` under teacher forcing, the values, optionally the entropy."""
         logits, hidden = self._logits_and_states(prompt_ids, prompt_mask, response_ids, encoder_hidden)
         # Log-probs of the distribution that was sampled: logits / temperature (Huang et al.).
-        all_logprobs = F.log_softmax(logits.float() / self.generation.temperature, dim=-1)
-        logprobs = torch.gather(all_logprobs, 2, response_ids.unsqueeze(-1)).squeeze(-1)
+        temperature = self.generation.temperature
+        logprobs = token_logprobs(logits, response_ids, temperature)
         # The value head reads detached features: its regression error must not move the shared
         # LoRA weights, or the critic's gradients (larger than the policy's early on) drag the
         # policy away from the reference with no gain in reward.
         values = self.value_head(hidden.detach())
-        entropy = None
-        if with_entropy:
-            entropy = -(all_logprobs.exp() * all_logprobs).sum(dim=-1)
+        entropy = entropy_from_logits(logits, temperature) if with_entropy else None
         return logprobs, values, entropy
 
     # -- rollout ---------------------------------------------------------------------------
 
-    def rollout(self, prompt_input_ids: list[list[int]]) -> Rollout:
-        """Sample one response per prompt in one batched ``generate``, score them in one batched
-        reward call, and record the sampling policy's log-probs and values and the reference's
-        log-probs.
+    def generate_and_score(self, prompt_input_ids: list[list[int]]) -> Responses:
+        """Sample one response per prompt in one batched decode and score them in one batched
+        reward call: the seeds' per-prompt generate-and-score loop, batched.
 
         Each sample gets its own length budget in [min_new_tokens, max_new_tokens] (the seeds'
         LengthSampler) without a per-sample ``generate``: the batch decodes together and each
         row leaves the batch at its EOS or its budget (:func:`tasks.models.sample`).
         """
+        return self._generate_and_score(prompt_input_ids)[0]
+
+    def _generate_and_score(self, prompt_input_ids: list[list[int]]) -> tuple[Responses, torch.Tensor | None]:
+        """:meth:`generate_and_score`, and the policy's encoding of the prompts (seq2seq; else None)."""
         self.policy.eval()
         self.value_head.eval()
         prompt_ids, prompt_mask = pad_prompts(prompt_input_ids, self.tokens, self.device)
         batch_size = prompt_ids.shape[0]
+        # Drawn for the whole batch on every process (each keeps its share), so that the
+        # trainer's generator, which also orders the prompts, stays the same everywhere.
         length_budget = torch.randint(
             self.generation.min_new_tokens,
             self.generation.max_new_tokens + 1,
-            (batch_size,),
+            (batch_size * self.processes,),
             generator=self.generator,
-        )
-        # The prompts are encoded once, for the sampler and for the policy's log-probs below
-        # (the reference, whose encoder lacks the PPO adapter, encodes them for itself).
+        )[self.rank :: self.processes]
+        # The prompts are encoded once, for the sampler and for the policy's log-probs in
+        # rollout() (the reference, whose encoder lacks the PPO adapter, encodes them for itself).
         encoder_hidden = None
         if self.tokens.is_encoder_decoder:
             with torch.no_grad():
                 encoder_hidden = self.policy.get_encoder()(
                     input_ids=prompt_ids, attention_mask=prompt_mask
                 ).last_hidden_state
-        sampled = sample(
-            self.policy, prompt_ids, prompt_mask, self.generation, int(length_budget.max()), self.tokens,
-            length_budget, encoder_hidden,
+        # The decoding loop runs the policy with its adapters folded into its weights; the
+        # log-probs PPO uses are computed by the unfolded policy in rollout(), so the first
+        # mini-batch's ratio stays exactly 1.
+        decoding_modules = (
+            self.policy.get_base_model().get_decoder() if self.tokens.is_encoder_decoder else self.policy
         )
+        with folded_adapters(self.policy, decoding_modules):
+            sampled = sample(
+                self.policy, prompt_ids, prompt_mask, self.generation, int(length_budget.max()), self.tokens,
+                length_budget, encoder_hidden,
+            )
         # A normal tensor again: the sampler runs in inference mode, and inference tensors
         # cannot take part in the training forward pass.
         response_ids = sampled.clone()
@@ -651,19 +756,7 @@ class PPOTrainer:
         scores = rewards
         if self.ppo.missing_eos_penalty is not None:
             scores = rewards - self.ppo.missing_eos_penalty * (~ended).float()
-
-        chunks: list[tuple[torch.Tensor, ...]] = []
-        with torch.no_grad():
-            for start in range(0, batch_size, self.ppo.mini_batch_size):
-                rows = slice(start, start + self.ppo.mini_batch_size)
-                args = (prompt_ids[rows], prompt_mask[rows], response_ids[rows])
-                encoded = encoder_hidden[rows] if encoder_hidden is not None else None
-                logprobs, values, entropy = self._forward(*args, with_entropy=True, encoder_hidden=encoded)
-                with reference_policy(self.policy):
-                    ref_logprobs, _, _ = self._forward(*args)
-                chunks.append((logprobs, ref_logprobs, values, entropy))
-        logprobs, ref_logprobs, values, entropy = (torch.cat(parts) for parts in zip(*chunks, strict=True))
-        return Rollout(
+        responses = Responses(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
             response_ids=response_ids,
@@ -673,10 +766,26 @@ class PPOTrainer:
             rewards=rewards,
             ended=ended,
             scores=scores,
-            logprobs=logprobs,
-            ref_logprobs=ref_logprobs,
-            values=values,
-            entropy=entropy,
+        )
+        return responses, encoder_hidden
+
+    def rollout(self, prompt_input_ids: list[list[int]]) -> Rollout:
+        """:meth:`generate_and_score`, then the sampling policy's log-probs, values and entropy and
+        the reference's log-probs of the responses, a mini-batch at a time."""
+        responses, encoder_hidden = self._generate_and_score(prompt_input_ids)
+        chunks: list[tuple[torch.Tensor, ...]] = []
+        with torch.no_grad():
+            for start in range(0, len(responses.texts), self.ppo.mini_batch_size):
+                rows = slice(start, start + self.ppo.mini_batch_size)
+                args = (responses.prompt_ids[rows], responses.prompt_mask[rows], responses.response_ids[rows])
+                encoded = encoder_hidden[rows] if encoder_hidden is not None else None
+                logprobs, values, entropy = self._forward(*args, with_entropy=True, encoder_hidden=encoded)
+                with reference_policy(self.policy):
+                    ref_logprobs, _, _ = self._forward(*args)
+                chunks.append((logprobs, ref_logprobs, values, entropy))
+        logprobs, ref_logprobs, values, entropy = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+        return Rollout(
+            **vars(responses), logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, entropy=entropy
         )
 
     # -- one PPO step ----------------------------------------------------------------------
@@ -695,7 +804,8 @@ class PPOTrainer:
             rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef
         )
         sequence_kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(dim=1)
-        mean_kl = float(sequence_kl.mean())
+        # Over the whole batch, so every process steers the KL coefficient (and stops) alike.
+        mean_kl = float(self._mean_over_processes(sequence_kl.mean()))
         if not math.isfinite(mean_kl):
             raise PPOTrainingError(f"KL to the reference is not finite ({mean_kl}) at step {self.steps_done}")
         if mean_kl > ppo.kl_ceiling:
@@ -748,11 +858,12 @@ class PPOTrainer:
                     losses["clipfrac"].append(clipfrac.item())
                     losses["approx_kl"].append(approx_kl.item())
                     losses["value_clipfrac"].append(vf_clipfrac.item())
+                self._average_gradients()
                 nn.utils.clip_grad_norm_(self.trainable_params, ppo.max_grad_norm)
                 self.optimizer.step()
         self.policy.eval()
 
-        self.kl_ctl.update(mean_kl, batch_size)
+        self.kl_ctl.update(mean_kl, batch_size * self.processes)
         self.steps_done += 1
         elapsed = time.perf_counter() - started
         metrics = {
@@ -771,7 +882,38 @@ class PPOTrainer:
             "tokens_per_second": float(mask.sum()) / elapsed,  # response tokens per second of the whole step
             "non_score_reward": float(non_score_reward.sum(dim=1).mean()),
         }
+        if self.processes > 1:
+            metrics = self._combine_metrics(metrics, rollout.rewards)
         return metrics
+
+    # -- data parallelism ------------------------------------------------------------------
+
+    def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        """``value``'s mean over the processes (itself when there is one)."""
+        if self.processes == 1:
+            return value
+        return self.accelerator.reduce(value.detach().reshape(-1).clone(), reduction="mean").reshape(value.shape)
+
+    def _average_gradients(self) -> None:
+        """Every process applies the mean of all processes' gradients (one all-reduce of the
+        flattened adapter and value-head gradients, a few MB), so the replicas stay identical."""
+        if self.processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable_params]
+        averaged = self._mean_over_processes(torch.cat([grad.reshape(-1) for grad in grads]))
+        for param, chunk in zip(self.trainable_params, averaged.split([g.numel() for g in grads]), strict=True):
+            param.grad = chunk.view_as(param).clone()
+
+    def _combine_metrics(self, metrics: dict[str, float], rewards: torch.Tensor) -> dict[str, float]:
+        """The whole batch's metrics from every process's: means of the per-process values, the
+        reward's mean and spread over all samples, the throughput summed."""
+        names = list(metrics)
+        local = torch.tensor([metrics[name] for name in names], dtype=torch.float64, device=self.device)
+        combined = dict(zip(names, self._mean_over_processes(local).tolist(), strict=True))
+        everyone = self.accelerator.gather(rewards)
+        combined["reward_mean"], combined["reward_std"] = float(everyone.mean()), float(everyone.std())
+        combined["tokens_per_second"] *= self.processes
+        return combined
 
     # -- training loop ---------------------------------------------------------------------
 
@@ -798,20 +940,23 @@ class PPOTrainer:
         if self.steps_done > total_steps:
             raise ValueError(f"already {self.steps_done} steps done, more than the {total_steps} asked for")
         if not self._restored and self.steps_done == 0:
-            torch.manual_seed(self.ppo.seed)  # generate() samples from the global RNG
+            # The sampler draws from the global RNG; each process draws its own responses.
+            torch.manual_seed(self.ppo.seed + self.rank)
+        main = self.rank == 0
         progress = tqdm(range(self.steps_done, total_steps), desc="ppo", unit="step",
-                        initial=self.steps_done, total=total_steps)
+                        initial=self.steps_done, total=total_steps, disable=not main)
         for _ in progress:
             batch: list[list[int]] = []
             while len(batch) < self.ppo.batch_size:
                 if not self._prompt_order:
                     self._prompt_order = torch.randperm(len(prompts), generator=self.generator).tolist()
                 batch.append(prompts[self._prompt_order.pop()])
-            metrics = self.step(batch)
+            metrics = self.step(batch[self.rank :: self.processes])  # every process, its share
             step = self.steps_done - 1
             self.history.append(metrics)
             progress.set_postfix(reward=f"{metrics['reward_mean']:.3f}", kl=f"{metrics['kl']:.2f}")
-            logger.info(
+            logger.log(
+                logging.INFO if main else logging.DEBUG,
                 "ppo step %d: reward %.4f kl %.3f kl_coef %.4f policy_loss %.4f value_loss %.4f",
                 step,
                 metrics["reward_mean"],
@@ -870,18 +1015,21 @@ class PPOTrainer:
 
         The checkpoint is written under a temporary name and renamed into place, so a process
         killed mid-write leaves no folder that :func:`latest_checkpoint` would pick. Only the
-        ``ppo.keep_checkpoints`` newest are kept.
+        ``ppo.keep_checkpoints`` newest are kept. With several processes every one of them
+        calls this; the first writes the checkpoint, with every process's random state, and the
+        others wait until it is in place.
         """
         checkpoint_dir = Path(checkpoint_dir)
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
         final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.steps_done:06d}"
+        random_states = self._random_states()
+        if self.rank != 0:
+            self._wait_for_everyone()
+            return final
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=checkpoint_dir))
         try:
             self.save(staging)
-            random_state = {"torch": torch.get_rng_state(), "trainer": self.generator.get_state()}
-            if torch.cuda.is_available():
-                random_state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-            torch.save({"optimizer": self.optimizer.state_dict(), "random_state": random_state},
+            torch.save({"optimizer": self.optimizer.state_dict(), "random_states": random_states},
                        staging / "training_state.pt")
             (staging / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in self.history))
             replace_dir(staging, final)
@@ -893,7 +1041,23 @@ class PPOTrainer:
         for stale in checkpoint_dir.glob(f".{CHECKPOINT_PREFIX}*"):  # left by a process killed mid-write
             shutil.rmtree(stale, ignore_errors=True)
         logger.info("checkpoint after step %d written to %s", self.steps_done, final)
+        self._wait_for_everyone()
         return final
+
+    def _random_states(self) -> list[dict[str, torch.Tensor]]:
+        """The random states of every process, in process order (a collective call)."""
+        state = {"torch": torch.get_rng_state(), "trainer": self.generator.get_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+        if self.processes == 1:
+            return [state]
+        from accelerate.utils import gather_object
+
+        return gather_object([state])
+
+    def _wait_for_everyone(self) -> None:
+        if self.processes > 1:
+            self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:
         """Continue from a checkpoint of :meth:`save_checkpoint`: the next :meth:`train` call goes
@@ -902,17 +1066,28 @@ class PPOTrainer:
         self.load(path)
         state = torch.load(path / "training_state.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
-        random_state = state["random_state"]
-        torch.set_rng_state(random_state["torch"].cpu())
-        self.generator.set_state(random_state["trainer"].cpu())
-        if "cuda" in random_state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(random_state["cuda"].cpu()))
+        random_states = state["random_states"]
+        self.generator.set_state(random_states[0]["trainer"].cpu())  # the same in every process
+        if len(random_states) == self.processes:
+            random_state = random_states[self.rank]
+            torch.set_rng_state(random_state["torch"].cpu())
+            if "cuda" in random_state and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(list(random_state["cuda"].cpu()))
+        else:
+            logger.warning("checkpoint %s was written by %d processes, this run has %d: sampling continues "
+                           "from fresh seeds", path, len(random_states), self.processes)
+            torch.manual_seed(self.ppo.seed + self.rank + 7919 * self.steps_done)
         metrics_path = path / "metrics.jsonl"
         self.history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         if len(self.history) != self.steps_done:
             raise ValueError(f"checkpoint {path} has metrics for {len(self.history)} of {self.steps_done} steps")
         self._restored = True
         logger.info("resumed PPO from %s after step %d", path, self.steps_done)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The number of steps done when the checkpoint ``.../step-NNNNNN`` was written."""
+    return int(Path(path).name[len(CHECKPOINT_PREFIX):])
 
 
 def _checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -923,7 +1098,7 @@ def _checkpoints(checkpoint_dir: Path) -> list[Path]:
         path for path in Path(checkpoint_dir).iterdir()
         if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX):].isdigit()
     ]
-    return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]))
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:

@@ -54,7 +54,7 @@ def merge_policy(config: RunConfig, adapter_dirs: list[Path], out_dir: Path) -> 
     # Merged in full precision even when training ran on a 4-bit base: served weights are not quantized.
     model, tokenizer = load_policy(
         config.model.policy_name, adapter_dirs, device="cpu", trust_remote_code=config.model.trust_remote_code,
-        family=config.model.policy_family,
+        family=config.model.policy_family, eos_token=config.model.eos_token,
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))

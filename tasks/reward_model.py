@@ -28,6 +28,7 @@ from tasks.config import RewardTrainingSettings
 from tasks.fsutil import replace_dir
 from tasks.models import RewardModel, load_reward_tokenizer
 from tasks.preferences import Pair
+from tasks.storage import mirrored_model
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def train_reward_model(
         report_to="none",
     )
     try:
-        trainer = RewardTrainer(model=settings.base_model, args=args, train_dataset=dataset,
+        trainer = RewardTrainer(model=mirrored_model(settings.base_model), args=args, train_dataset=dataset,
                                 processing_class=tokenizer, callbacks=[Forward()])
         result = trainer.train()
         model_dir = staging / "model"

@@ -51,7 +51,7 @@ class DetoxSummarizer(PythonModel):
             with torch.inference_mode():
                 output = self.model.generate(
                     **batch, max_new_tokens=self.settings["max_new_tokens"], do_sample=False, num_beams=1,
-                    pad_token_id=self.tokenizer.pad_token_id,
+                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
                 )
             if self.causal:
                 output = output[:, batch["input_ids"].shape[1] :]

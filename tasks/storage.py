@@ -1,4 +1,5 @@
-"""S3 access for the pipeline: artifact upload, data set download, and the SFT adapter download.
+"""S3 access for the pipeline: artifact upload, data set download, the SFT adapter download, and
+models mirrored in S3.
 
 Plain boto3. The endpoint comes from the standard ``AWS_ENDPOINT_URL_S3`` /
 ``AWS_ENDPOINT_URL`` variables (or ``endpoint_url``) and credentials from boto3's
@@ -8,7 +9,8 @@ of the embedded default (:mod:`tasks.local_s3`).
 The adapter download is defensive: an adapter comes from another team's bucket and
 is loaded into the policy, so it is checked before it lands in ``dest`` — no path
 escapes, config present, safetensors weights (pickles only on request), checksums
-against the uploader's manifest, and the base model it was trained on.
+against the uploader's manifest, and the base model it was trained on. A model mirrored
+in a bucket (``s3://`` as a model name, for sites without the Hub) gets the same checks.
 """
 
 from __future__ import annotations
@@ -233,7 +235,7 @@ def download_file(uri: str, dest: Path, client: Any = None, backoff: Backoff | N
     return dest
 
 
-def _list_keys(client: Any, bucket: str, prefix: str, uri: str) -> list[str]:
+def _list_keys(client: Any, bucket: str, prefix: str, uri: str, what: str = "adapter") -> list[str]:
     list_prefix = f"{prefix}/" if prefix else ""
     keys: list[str] = []
     try:
@@ -241,13 +243,13 @@ def _list_keys(client: Any, bucket: str, prefix: str, uri: str) -> list[str]:
             keys.extend(item["Key"] for item in page.get("Contents", []))
     except ClientError as error:
         if error.response.get("Error", {}).get("Code") == "NoSuchBucket":
-            message = f"no adapter found at {uri}: bucket {bucket!r} does not exist"
+            message = f"no {what} found at {uri}: bucket {bucket!r} does not exist"
             raise AdapterDownloadError(message) from error
         raise
     return keys
 
 
-def _safe_relative_path(key: str, prefix: str, uri: str) -> str | None:
+def _safe_relative_path(key: str, prefix: str, uri: str, what: str = "adapter") -> str | None:
     """The key's path below the prefix, or None for a folder marker; refuse anything that could escape."""
     relative = key[len(prefix) + 1 :] if prefix else key
     if relative == "":
@@ -263,7 +265,7 @@ def _safe_relative_path(key: str, prefix: str, uri: str) -> str | None:
     ):
         raise AdapterDownloadError(
             f"refusing key {key!r} under {uri}: "
-            f"its path {relative!r} is absolute or leaves the adapter folder"
+            f"its path {relative!r} is absolute or leaves the {what} folder"
         )
     return None if is_folder_marker else relative
 
@@ -470,3 +472,76 @@ def _download_adapter(
         r=int(rank) if isinstance(rank, int) else None,
         target_modules=[str(module) for module in target_modules],
     )
+
+
+MODEL_CONFIG_NAME = "config.json"
+COMPLETE_MARKER = ".mirrored-from"
+
+
+def mirrored_model(name: str, cache_dir: Path | None = None, client: Any = None,
+                   backoff: Backoff | None = None) -> str:
+    """A loadable model name: ``name`` itself, or for ``s3://bucket/prefix`` a local copy of the
+    model mirrored there (``config.json``, tokenizer files, safetensors weights).
+
+    The copy lives in ``<cache_dir>/<bucket>/<prefix>`` (default ``<DETOX_HOME>/models``) and is
+    downloaded once: later calls, from any run, use it. Mirrors are taken as immutable; publish a
+    new model version under a new prefix. The download is checked like an adapter's: no key
+    escapes the folder, pickled files are skipped, sha256 sums match ``MANIFEST.sha256.json``
+    when the prefix has one, safetensors headers parse, ``config.json`` is present. Concurrent
+    callers each download into a temporary folder and the first to finish puts its copy in place.
+    """
+    if not name.startswith("s3://"):
+        return name
+    from tasks.config import detox_home
+
+    bucket, prefix = parse_s3_uri(name)
+    dest = Path(cache_dir or detox_home() / "models") / bucket / prefix
+    if (dest / COMPLETE_MARKER).is_file():
+        return str(dest)
+    client = client if client is not None else s3_client()
+    with_retries(lambda: _mirror_model(name, dest, client), f"downloading the model at {name}", client, backoff)
+    return str(dest)
+
+
+def _mirror_model(uri: str, dest: Path, client: Any) -> None:
+    bucket, prefix = parse_s3_uri(uri)
+    relative_by_key = {}
+    for key in _list_keys(client, bucket, prefix, uri, "model"):
+        relative = _safe_relative_path(key, prefix, uri, "model")
+        if relative is not None:
+            relative_by_key[key] = relative
+    relatives = set(relative_by_key.values())
+    if MODEL_CONFIG_NAME not in relatives:
+        raise AdapterDownloadError(f"no model at {uri}: no {MODEL_CONFIG_NAME}; found {sorted(relatives)}")
+    weights = sorted(rel for rel in relatives if rel.endswith(".safetensors"))
+    if not weights:
+        raise AdapterDownloadError(f"no safetensors weights in the model at {uri}; found {sorted(relatives)}")
+    skipped = sorted(rel for rel in relatives if rel.endswith(PICKLE_SUFFIXES))
+    if skipped:
+        logger.warning("skipping pickled files of the model at %s: %s", uri, skipped)
+    manifest_key = next((key for key, rel in relative_by_key.items() if rel == MANIFEST_NAME), None)
+    to_download = {key: rel for key, rel in relative_by_key.items()
+                   if rel != MANIFEST_NAME and not rel.endswith(PICKLE_SUFFIXES)}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.download-"))
+    try:
+        files = {relative: _download_verified(client, bucket, key, staging / relative)
+                 for key, relative in sorted(to_download.items(), key=lambda item: item[1])}
+        if manifest_key is not None:
+            manifest = _read_manifest(client, bucket, manifest_key)
+            _check_manifest({rel: d for rel, d in manifest.items() if not rel.endswith(PICKLE_SUFFIXES)}, files, uri)
+        else:
+            logger.warning("no %s under %s: checksums not verified", MANIFEST_NAME, uri)
+        for relative in weights:
+            _check_safetensors(staging / relative, uri)
+        (staging / COMPLETE_MARKER).write_text(uri + "\n", encoding="utf-8")
+        try:
+            os.rename(staging, dest)  # fails if another caller's copy is already in place
+        except OSError:
+            if not (dest / COMPLETE_MARKER).is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("model from %s (%d files) mirrored to %s", uri, len(files), dest)

@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.config import ConfigError, RunConfig, config_from_params, form_field_schemas
+from tasks.config import ConfigError, RewardRunConfig, RunConfig, config_from_params, form_field_schemas
 
 
 def test_profiles_differ_where_they_should():
@@ -29,7 +29,8 @@ def test_unknown_fields_are_named():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"ppo.batch_size": 10, "ppo.mini_batch_size": 4}, "multiple of mini_batch_size"),
+        ({"ppo.batch_size": 10, "ppo.mini_batch_size": 4}, "batch_size 10 must split into mini-batches of 4"),
+        ({"ppo.num_processes": 3}, "batch_size 16 must split into mini-batches of 8 across 3 processes"),
         ({"data.prompt_template": "no placeholder"}, "{dialogue}"),
         ({"ppo.steps": 0}, "ppo.steps"),
         ({"data.min_dialogue_chars": 500, "data.max_dialogue_chars": 100}, "min_dialogue_chars"),
@@ -63,3 +64,18 @@ def test_run_dir_is_run_scoped_and_safe(tmp_path):
     second = config.run_dir("scheduled__2026-11-21T05:00:00+00:00")
     assert first != second
     assert first.parent == tmp_path and ":" not in first.name
+
+
+def test_the_tinyllama_profile_is_the_third_seeds_qlora_setup():
+    config = RunConfig.for_profile("production-tinyllama")
+    assert config.profile == "production-tinyllama"
+    assert config.model.policy_family == "causal" and config.model.load_in_4bit
+    assert config.model.eos_token == "<|im_end|>"
+    assert config.data.prompt_template.endswith("<|im_start|>assistant\n")
+    assert (config.lora.r, config.lora.alpha) == (16, 16)
+    assert config.model.reward_model_name == RunConfig.for_profile("production").model.reward_model_name
+    assert config.registered_model_name != RunConfig.for_profile("production").registered_model_name
+    with pytest.raises(ConfigError, match="unknown profile 'production-tinyllama'"):
+        RewardRunConfig.for_profile("production-tinyllama")  # a retraining profile only
+    with pytest.raises(ConfigError, match="unknown profile 'staging'"):
+        RunConfig.for_profile("production", {"profile": "staging"})

@@ -53,7 +53,7 @@ def test_schedule_and_retries(dag):
 
 def test_trigger_form_has_typed_described_params(dag):
     params = dag.params
-    assert params.get_param("profile").schema["enum"] == ["production", "demo"]
+    assert params.get_param("profile").schema["enum"] == ["production", "production-tinyllama", "demo"]
     steps = params.get_param("ppo_steps")
     assert steps.schema["type"] == ["null", "integer"]
     assert steps.description == "Number of PPO steps (rollout + update)."

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 from tasks.config import GenerationSettings, LoraSettings, PPOSettings
+from tasks.models import draw_categorical
 from tasks.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -25,7 +26,9 @@ from tasks.ppo import (
     ValueHead,
     build_policy,
     compute_gae,
+    entropy_from_logits,
     explained_variance,
+    folded_adapters,
     kl_penalty,
     latest_checkpoint,
     load_value_head,
@@ -34,6 +37,7 @@ from tasks.ppo import (
     per_token_rewards,
     policy_loss,
     reference_policy,
+    token_logprobs,
     value_loss,
     whiten,
 )
@@ -106,6 +110,44 @@ def test_kl_penalty_estimators():
     assert kl_penalty(logprobs, ref_logprobs, "k3").tolist() == pytest.approx([ln2 - 0.5, 1 - ln2])
     with pytest.raises(ValueError, match="unknown KL estimator"):
         kl_penalty(logprobs, ref_logprobs, "full")
+
+
+def test_token_logprobs_and_entropy_by_hand():
+    # One sample, two positions, vocabulary of 2: logits (0, ln 3) give p = (1/4, 3/4).
+    logits = torch.tensor([[[0.0, math.log(3)], [math.log(3), 0.0]]], requires_grad=True)
+    tokens = torch.tensor([[1, 1]])
+    assert token_logprobs(logits, tokens)[0].tolist() == pytest.approx([math.log(0.75), math.log(0.25)])
+    # temperature 2 halves the logits: p(1) = sqrt(3) / (1 + sqrt(3)) at the first position
+    sqrt3 = math.sqrt(3)
+    assert token_logprobs(logits, tokens, temperature=2.0)[0, 0].item() == pytest.approx(math.log(sqrt3 / (1 + sqrt3)))
+    entropy = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert entropy_from_logits(logits)[0].tolist() == pytest.approx([entropy, entropy])
+    # d log p(1) / d logits = onehot(1) - p: the gradient of the usual log_softmax + gather
+    token_logprobs(logits, tokens)[0, 0].backward()
+    assert logits.grad[0, 0].tolist() == pytest.approx([-0.25, 0.25])
+    assert logits.grad[0, 1].tolist() == [0.0, 0.0]
+
+
+def test_token_logprobs_match_log_softmax_on_a_batch():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=generator)
+    tokens = torch.randint(0, 11, (3, 5), generator=generator)
+    expected = torch.log_softmax(logits / 0.7, dim=-1).gather(2, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(token_logprobs(logits, tokens, temperature=0.7), expected)
+
+
+def test_draw_categorical_follows_the_probabilities():
+    probs = torch.tensor([[0.5, 0.3, 0.0, 0.2], [0.0, 0.0, 1.0, 0.0]]).repeat(10_000, 1)
+    torch.manual_seed(0)
+    drawn = draw_categorical(probs)
+    first = torch.bincount(drawn[0::2], minlength=4) / 10_000
+    # three standard errors of a share near 0.5 over 10 000 draws: 0.015
+    assert first.tolist() == pytest.approx([0.5, 0.3, 0.0, 0.2], abs=0.015)
+    assert (drawn[1::2] == 2).all()  # a certain token always; a zero-probability token never
+    # unnormalised rows and entries below float32's resolution next to large ones
+    tiny = torch.tensor([[1e-9, 2.0, 2.0]]).repeat(20_000, 1)
+    counts = torch.bincount(draw_categorical(tiny), minlength=3)
+    assert counts[0] == 0 and abs(int(counts[1]) - 10_000) < 450
 
 
 def test_policy_loss_clipping_by_hand():
@@ -501,6 +543,33 @@ def test_build_policy_merges_sft_and_the_reference_is_the_sft_model(tmp_path, in
         torch.testing.assert_close(fresh_policy(**inputs).logits, trained_logits)
 
 
+def test_folded_adapters_compute_the_same_function_and_put_the_weights_back(insulting_t5_state, prompts):
+    trainer = make_trainer(insulting_t5_state)
+    policy = trainer.policy
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2)  # a trained adapter, so folding it in changes the weights
+    inputs = {"input_ids": torch.tensor([prompts[0]]), "decoder_input_ids": torch.tensor([[0, 5, 9, 12]])}
+    weights = {name: (p, p.detach().clone()) for name, p in policy.named_parameters() if "base_layer" in name}
+    with torch.no_grad():
+        expected = policy(**inputs).logits
+        with folded_adapters(policy, policy.get_base_model().get_decoder()):  # the encoder keeps its adapters
+            decoder_q = policy.get_base_model().get_decoder().block[0].layer[0].SelfAttention.q
+            assert not any(p is decoder_q.base_layer.weight for p, _ in weights.values())  # a folded copy
+            folded_decoder = policy(**inputs).logits
+        with folded_adapters(policy, policy):
+            folded_all = policy(**inputs).logits
+    torch.testing.assert_close(folded_decoder, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(folded_all, expected, atol=1e-5, rtol=1e-5)
+    for name, (param, saved) in weights.items():  # the same tensors, bit for bit
+        assert dict(policy.named_parameters())[name] is param and torch.equal(param, saved), name
+    assert all(p.requires_grad for name, p in policy.named_parameters() if "lora_" in name)
+    with torch.no_grad(), reference_policy(policy):  # the reference is still the base
+        reference = policy(**inputs).logits
+    assert not torch.allclose(reference, expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints, gradient accumulation, the missing-EOS penalty, a frozen SFT adapter
 # ---------------------------------------------------------------------------------------------
@@ -605,8 +674,14 @@ def test_a_frozen_sft_adapter_stays_frozen_and_is_the_reference(tmp_path, insult
     assert not torch.allclose(trained_logits, sft_logits)
     assert {name for name, p in policy.named_parameters() if p.requires_grad} == trainable
 
+    with torch.no_grad(), folded_adapters(policy, policy):  # both adapters folded into the copies
+        torch.testing.assert_close(policy(**inputs).logits, trained_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(policy(**inputs).logits, trained_logits)
+
     trainer = PPOTrainer(policy, ValueHead(32), tokenizer, avoid_insults, PPOSettings(batch_size=4),
                          GenerationSettings(min_new_tokens=2, max_new_tokens=4), "cpu")
+    trainer.step(prompts[:4])  # sampling folds both adapters; the SFT adapter stays frozen
+    assert {name for name, p in policy.named_parameters() if p.requires_grad} == trainable
     trainer.save(tmp_path / "ppo")
     saved = json.loads((tmp_path / "ppo" / "adapter" / "adapter_config.json").read_text())
     assert saved["r"] == 8  # the PPO adapter alone, at the folder's top level

@@ -167,3 +167,26 @@ def test_build_policy_reads_a_causal_checkpoint_and_targets_llama_projections(tm
         reference = policy(input_ids=inputs).logits
     with torch.no_grad():
         assert torch.equal(policy(input_ids=inputs).logits, reference)  # fresh PPO adapter: no change yet
+
+
+def test_a_chat_models_end_of_turn_token_ends_its_responses(tmp_path, insulting_llama_state, prompts):
+    """``model.eos_token`` (TinyLlama-Chat's ``<|im_end|>``): here "insult", which the tiny model says often."""
+    model = LlamaForCausalLM(tiny_llama_config())
+    model.load_state_dict(insulting_llama_state)
+    model.save_pretrained(tmp_path / "base")
+    tiny_tokenizer().save_pretrained(tmp_path / "base")
+    lora = LoraSettings(r=8, alpha=16)
+    with pytest.raises(ValueError, match="'<|im_end|>' is not a token"):
+        build_policy(str(tmp_path / "base"), None, lora, "cpu", eos_token="<|im_end|>")
+
+    policy, tokenizer = build_policy(str(tmp_path / "base"), None, lora, "cpu", eos_token="insult")
+    assert special_tokens(policy, tokenizer).eos == INSULT_ID
+    trainer = PPOTrainer(policy, ValueHead(32), tokenizer, avoid_insults, PPOSettings(batch_size=16),
+                         GenerationSettings(min_new_tokens=6, max_new_tokens=10), "cpu")
+    rollout = trainer.rollout(prompts[:16])
+    lengths = rollout.response_mask.sum(dim=1).long()
+    assert int(rollout.ended.sum()) >= 8  # about 40% of the tiny model's words are "insult"
+    for row in range(16):
+        response = rollout.response_ids[row, : lengths[row]].tolist()
+        assert INSULT_ID not in response[:-1]  # nothing after the first end of turn is kept
+        assert bool(rollout.ended[row]) == (response[-1] == INSULT_ID)

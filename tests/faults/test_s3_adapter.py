@@ -1,5 +1,6 @@
-"""S3 storage and the SFT adapter download against moto's real HTTP server on loopback: round trips,
-and every way a bad adapter is refused without leaving a file behind."""
+"""S3 storage, the SFT adapter download and models mirrored in S3, against moto's real HTTP server
+on loopback: round trips, and every way a bad adapter or model is refused without leaving a file
+behind."""
 
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ import torch
 from safetensors.torch import save_file
 
 from tasks.local_s3 import LocalS3Server
+from tasks.models import RewardModel
 from tasks.storage import (
     MANIFEST_NAME,
     AdapterDownloadError,
     download_adapter,
     download_file,
+    mirrored_model,
     parse_s3_uri,
     s3_client,
     same_base_model,
@@ -376,3 +379,47 @@ def test_local_server_on_a_busy_port_fails_clearly():
             server.start()
     assert "in use" in str(failed.value).lower() or str(errno.EADDRINUSE) in str(failed.value)
     assert not server.is_running()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models mirrored in S3 (``s3://`` as a model name)
+# ---------------------------------------------------------------------------------------------
+
+TEXTS = ["you are an idiot and I hate you", "thanks for the lovely summary of the meeting"]
+
+
+def test_a_model_mirrored_in_s3_loads_like_the_local_copy(embedded, tmp_path, bucket_uri, monkeypatch):
+    uri = f"{bucket_uri}/mirror/hate-classifier"
+    upload_directory(embedded.reward_model, uri)
+    bucket, prefix = parse_s3_uri(uri)
+    s3_client().put_object(Bucket=bucket, Key=f"{prefix}/training_args.bin", Body=b"a pickle")
+    monkeypatch.setenv("DETOX_HOME", str(tmp_path / "home"))
+
+    mirrored = RewardModel(uri)  # the name a config would carry
+
+    local = RewardModel(str(embedded.reward_model))
+    torch.testing.assert_close(mirrored.reward(TEXTS), local.reward(TEXTS))
+    copy = tmp_path / "home" / "models" / bucket / prefix
+    assert (copy / "config.json").is_file() and not (copy / "training_args.bin").exists()  # no pickle
+    # Downloaded once: later loads use the copy even if the bucket changes.
+    s3_client().delete_object(Bucket=bucket, Key=f"{prefix}/config.json")
+    assert mirrored_model(uri) == str(copy)
+
+
+def test_a_tampered_or_incomplete_model_mirror_is_refused_and_leaves_nothing(embedded, tmp_path, bucket_uri):
+    uri = f"{bucket_uri}/mirror/tampered"
+    upload_directory(embedded.reward_model, uri)
+    bucket, prefix = parse_s3_uri(uri)
+    weights = (embedded.reward_model / "model.safetensors").read_bytes()
+    s3_client().put_object(Bucket=bucket, Key=f"{prefix}/model.safetensors", Body=weights[:-1] + b"\x00")
+    with pytest.raises(AdapterDownloadError, match="checksum mismatch for model.safetensors"):
+        mirrored_model(uri, tmp_path / "models")
+    left = list((tmp_path / "models").rglob("*"))
+    assert not [path for path in left if path.is_file() or path.name.startswith(".")]  # no copy, no staging
+
+    s3_client().delete_object(Bucket=bucket, Key=f"{prefix}/config.json")
+    with pytest.raises(AdapterDownloadError, match=f"no model at {uri}: no config.json"):
+        mirrored_model(uri, tmp_path / "models")
+    with pytest.raises(AdapterDownloadError, match="no model found at s3://no-such-bucket-y/m.*does not exist"):
+        mirrored_model("s3://no-such-bucket-y/m", tmp_path / "models")
+    assert mirrored_model("marianna13/flan-t5-base-summarization") == "marianna13/flan-t5-base-summarization"
