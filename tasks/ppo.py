@@ -460,8 +460,8 @@ def reference_policy(policy: PeftModel) -> Iterator[None]:
 def folded_adapters(policy: PeftModel, modules: nn.Module) -> Iterator[None]:
     """Inside the block the LoRA layers under ``modules`` run as plain linear layers whose weight
     is a copy with the active adapters folded in, ``W + scaling * B @ A``: one matmul per layer
-    instead of three plus the adapter's bookkeeping, which is most of a decoding step's cost
-    on small models, and kernel launches on a GPU.
+    instead of three plus the adapter's bookkeeping (about 15% of a decoding step of the demo
+    policy on a CPU; on a GPU, kernel launches saved at every step).
 
     The original weight tensors are put back untouched when the block ends (peft's
     ``merge_adapter``/``unmerge_adapter`` would add and subtract the update in place, and
