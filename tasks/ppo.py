@@ -904,6 +904,16 @@ class PPOTrainer:
         for param, chunk in zip(self.trainable_params, averaged.split([g.numel() for g in grads]), strict=True):
             param.grad = chunk.view_as(param).clone()
 
+    def _check_replicas(self) -> None:
+        """Averaged gradients keep every process's weights identical; fail loudly if they are not."""
+        if self.processes == 1:
+            return
+        local = torch.stack([param.detach().double().sum() for param in self.trainable_params])
+        everyone = self.accelerator.gather(local[None]).cpu()
+        if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
+            raise PPOTrainingError("the training processes ended with different weights: their gradients "
+                                   "were not averaged")
+
     def _combine_metrics(self, metrics: dict[str, float], rewards: torch.Tensor) -> dict[str, float]:
         """The whole batch's metrics from every process's: means of the per-process values, the
         reward's mean and spread over all samples, the throughput summed."""
@@ -973,6 +983,7 @@ class PPOTrainer:
                 path = self.save_checkpoint(checkpoint_dir)
                 if on_checkpoint is not None:
                     on_checkpoint(path)
+        self._check_replicas()
         return self.history
 
     # -- persistence -----------------------------------------------------------------------
@@ -1077,12 +1088,17 @@ class PPOTrainer:
             logger.warning("checkpoint %s was written by %d processes, this run has %d: sampling continues "
                            "from fresh seeds", path, len(random_states), self.processes)
             torch.manual_seed(self.ppo.seed + self.rank + 7919 * self.steps_done)
-        metrics_path = path / "metrics.jsonl"
-        self.history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        self.history = checkpoint_history(path)
         if len(self.history) != self.steps_done:
             raise ValueError(f"checkpoint {path} has metrics for {len(self.history)} of {self.steps_done} steps")
         self._restored = True
         logger.info("resumed PPO from %s after step %d", path, self.steps_done)
+
+
+def checkpoint_history(path: Path) -> list[dict[str, float]]:
+    """The metrics of every step up to the checkpoint ``path``."""
+    lines = (Path(path) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def checkpoint_step(path: Path) -> int:

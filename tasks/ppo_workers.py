@@ -1,7 +1,8 @@
 """PPO training of one run, in this process or data-parallel in several on the same worker.
 
 :func:`train_ppo` is the training itself: it builds the policy, value head and reward model,
-resumes from the run's newest checkpoint, trains, and writes the final adapter. ``ppo_train``
+resumes from the run's newest checkpoint and trains, checkpointing as it goes; :func:`publish`
+then copies the final checkpoint's adapter into the run's ppo/ folder. ``ppo_train``
 calls it in the task's own process when there is one device to train on. With several
 (``ppo.num_processes``, by default one per visible GPU) it writes the job to a file and runs
 
@@ -11,8 +12,8 @@ Every process then runs :func:`train_ppo` with an ``accelerate.Accelerator``, wh
 the processes (NCCL on GPUs, gloo on CPU) and gives each its device. Each process holds the
 whole policy and samples ``batch_size / N`` prompts of every step; the gradients are averaged
 over the processes before each optimizer step, so the replicas stay identical
-(:class:`tasks.ppo.PPOTrainer`). The first process writes the checkpoints and the final
-adapter. The task's process stays the only one that talks to MLflow: while the workers
+(:class:`tasks.ppo.PPOTrainer`, which checks this at the end). The first process writes the
+checkpoints. The task's process stays the only one that talks to MLflow: while the workers
 train it logs the step metrics of each new checkpoint (:func:`launch_workers`).
 """
 
@@ -91,13 +92,10 @@ def train_ppo(job: PPOJob, accelerator=None, on_checkpoint: Callable[[list[dict]
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
         logger.info("PPO resumes after step %d of %d", trainer.steps_done, config.ppo.steps)
-    history = trainer.train(
+    return trainer.train(
         list(splits["train"]["input_ids"]), config.ppo.steps, checkpoint_dir=job.checkpoints,
         on_checkpoint=None if on_checkpoint is None else lambda path: on_checkpoint(trainer.history),
     )
-    if trainer.processes > 1:
-        _check_replicas(trainer)
-    return history
 
 
 def publish(job: PPOJob) -> None:
@@ -115,31 +113,18 @@ def publish(job: PPOJob) -> None:
         shutil.copy2(final / name, out_dir / name)
 
 
-def _check_replicas(trainer) -> None:
-    """Averaged gradients keep every process's weights identical; fail loudly if they are not."""
-    local = torch.stack([p.detach().double().sum() for p in trainer.trainable_params])
-    everyone = trainer.accelerator.gather(local[None]).cpu()
-    if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
-        from tasks.ppo import PPOTrainingError
-
-        raise PPOTrainingError("the training processes ended with different weights: their gradients were "
-                               "not averaged")
-
-
 def launch_workers(
     job: PPOJob, processes: int, on_checkpoint: Callable[[list[dict]], None] | None = None
 ) -> list[dict]:
-    """Run ``job`` in ``processes`` processes under torchrun and wait for them; returns what
-    :func:`train_ppo` returns. ``on_checkpoint(history)`` runs here, in the caller's process,
-    for each checkpoint the workers write."""
-    from tasks.ppo import latest_checkpoint
+    """Run ``job`` in ``processes`` processes under torchrun and wait for them; returns the metrics
+    of every step, from the final checkpoint. ``on_checkpoint(history)`` runs here, in the
+    caller's process, for each checkpoint the workers write."""
+    from tasks.ppo import checkpoint_history, latest_checkpoint
 
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     job_file = out_dir / "ppo-job.json"
     job_file.write_text(json.dumps(asdict(job), indent=2))
-    result_file = out_dir / "ppo-result.json"
-    result_file.unlink(missing_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "tasks.ppo_workers", str(job_file)]
     logger.info("PPO on %d processes: %s", processes, " ".join(command))
@@ -161,16 +146,15 @@ def launch_workers(
         raise RuntimeError(f"PPO workers failed (exit code {process.returncode}); their errors are in the log "
                            f"above. A retry resumes from the newest checkpoint in {job.checkpoints}.")
     _report_new_checkpoint(job, seen, on_checkpoint)
-    return json.loads(result_file.read_text())["history"]
+    return checkpoint_history(latest_checkpoint(job.checkpoints))
 
 
 def _report_new_checkpoint(job: PPOJob, seen: Path | None, on_checkpoint) -> Path | None:
-    from tasks.ppo import latest_checkpoint
+    from tasks.ppo import checkpoint_history, latest_checkpoint
 
     newest = latest_checkpoint(job.checkpoints)
     if newest is not None and newest != seen and on_checkpoint is not None:
-        metrics = (newest / "metrics.jsonl").read_text().splitlines()
-        on_checkpoint([json.loads(line) for line in metrics if line.strip()])
+        on_checkpoint(checkpoint_history(newest))
     return newest
 
 
@@ -191,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(cpu=job.device == "cpu")
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s [process {accelerator.process_index}] %(name)s: %(message)s")
-    history = train_ppo(job, accelerator)
-    if accelerator.is_main_process:
-        (Path(job.out_dir) / "ppo-result.json").write_text(json.dumps({"history": history}))
+    train_ppo(job, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -360,6 +360,41 @@ def same_base_model(expected: str, actual: str) -> bool:
     return PurePosixPath(expected.rstrip("/")).name == PurePosixPath(actual.rstrip("/")).name
 
 
+def _keys_under(client: Any, uri: str, what: str) -> dict[str, str]:
+    """Every object under ``uri`` and its path below the prefix; a key that could escape is refused."""
+    bucket, prefix = parse_s3_uri(uri)
+    relative_by_key: dict[str, str] = {}
+    for key in _list_keys(client, bucket, prefix, uri, what):
+        relative = _safe_relative_path(key, prefix, uri, what)
+        if relative is not None:
+            relative_by_key[key] = relative
+    return relative_by_key
+
+
+def _download_checked(
+    client: Any, uri: str, relative_by_key: dict[str, str], staging: Path, keep: Callable[[str], bool]
+) -> dict[str, str]:
+    """Download the objects whose path passes ``keep`` into ``staging`` and check them against the
+    prefix's manifest when it has one; returns their sha256 by relative path."""
+    bucket, _ = parse_s3_uri(uri)
+    manifest_key = next((key for key, rel in relative_by_key.items() if rel == MANIFEST_NAME), None)
+    to_download = {key: rel for key, rel in relative_by_key.items() if rel != MANIFEST_NAME and keep(rel)}
+    files: dict[str, str] = {}
+    for key, relative in sorted(to_download.items(), key=lambda item: item[1]):
+        target = staging / relative
+        # Belt and braces after _safe_relative_path: the file must land inside staging.
+        if not target.resolve().is_relative_to(staging.resolve()):
+            raise AdapterDownloadError(f"refusing key {key!r} under {uri}: it leaves the folder")
+        files[relative] = _download_verified(client, bucket, key, target)
+    if manifest_key is not None:
+        manifest = {rel: d for rel, d in _read_manifest(client, bucket, manifest_key).items() if keep(rel)}
+        _check_manifest(manifest, files, uri)
+        logger.info("sha256 of %d files under %s match %s", len(files), uri, MANIFEST_NAME)
+    else:
+        logger.warning("no %s under %s: checksums not verified", MANIFEST_NAME, uri)
+    return files
+
+
 def download_adapter(
     uri: str,
     dest: Path,
@@ -390,13 +425,7 @@ def download_adapter(
 def _download_adapter(
     uri: str, dest: Path, expected_base_model: str | None, client: Any, allow_pickle: bool
 ) -> AdapterInfo:
-    bucket, prefix = parse_s3_uri(uri)
-    keys = _list_keys(client, bucket, prefix, uri)
-    relative_by_key: dict[str, str] = {}
-    for key in keys:
-        relative = _safe_relative_path(key, prefix, uri)
-        if relative is not None:
-            relative_by_key[key] = relative
+    relative_by_key = _keys_under(client, uri, "adapter")
     if not relative_by_key:
         raise AdapterDownloadError(f"no adapter found at {uri}: no objects under that prefix")
 
@@ -416,34 +445,17 @@ def _download_adapter(
             )
         logger.warning("loading pickled adapter weights from %s because allow_pickle=True", uri)
 
-    manifest_key = next((key for key, rel in relative_by_key.items() if rel == MANIFEST_NAME), None)
-    to_download = {key: rel for key, rel in relative_by_key.items() if rel != MANIFEST_NAME}
-    if not allow_pickle:
-        skipped = sorted(rel for rel in to_download.values() if rel.endswith(PICKLE_SUFFIXES))
-        if skipped:
-            logger.warning("skipping pickled files under %s (allow_pickle=False): %s", uri, skipped)
-        to_download = {key: rel for key, rel in to_download.items() if not rel.endswith(PICKLE_SUFFIXES)}
+    def keep(relative: str) -> bool:
+        return allow_pickle or not relative.endswith(PICKLE_SUFFIXES)
+
+    skipped = sorted(rel for rel in relatives if not keep(rel))
+    if skipped:
+        logger.warning("skipping pickled files under %s (allow_pickle=False): %s", uri, skipped)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.download-"))
     try:
-        files: dict[str, str] = {}
-        for key, relative in sorted(to_download.items(), key=lambda item: item[1]):
-            target = staging / relative
-            # Belt and braces after _safe_relative_path: the file must land inside staging.
-            if not target.resolve().is_relative_to(staging.resolve()):
-                raise AdapterDownloadError(f"refusing key {key!r} under {uri}: it leaves the adapter folder")
-            files[relative] = _download_verified(client, bucket, key, target)
-
-        if manifest_key is not None:
-            manifest = _read_manifest(client, bucket, manifest_key)
-            if not allow_pickle:
-                manifest = {rel: d for rel, d in manifest.items() if not rel.endswith(PICKLE_SUFFIXES)}
-            _check_manifest(manifest, files, uri)
-            logger.info("sha256 of %d files under %s match %s", len(files), uri, MANIFEST_NAME)
-        else:
-            logger.warning("no %s under %s: checksums not verified", MANIFEST_NAME, uri)
-
+        files = _download_checked(client, uri, relative_by_key, staging, keep)
         if has_safetensors:
             _check_safetensors(staging / SAFETENSORS_WEIGHTS_NAME, uri)
 
@@ -504,12 +516,7 @@ def mirrored_model(name: str, cache_dir: Path | None = None, client: Any = None,
 
 
 def _mirror_model(uri: str, dest: Path, client: Any) -> None:
-    bucket, prefix = parse_s3_uri(uri)
-    relative_by_key = {}
-    for key in _list_keys(client, bucket, prefix, uri, "model"):
-        relative = _safe_relative_path(key, prefix, uri, "model")
-        if relative is not None:
-            relative_by_key[key] = relative
+    relative_by_key = _keys_under(client, uri, "model")
     relatives = set(relative_by_key.values())
     if MODEL_CONFIG_NAME not in relatives:
         raise AdapterDownloadError(f"no model at {uri}: no {MODEL_CONFIG_NAME}; found {sorted(relatives)}")
@@ -519,19 +526,11 @@ def _mirror_model(uri: str, dest: Path, client: Any) -> None:
     skipped = sorted(rel for rel in relatives if rel.endswith(PICKLE_SUFFIXES))
     if skipped:
         logger.warning("skipping pickled files of the model at %s: %s", uri, skipped)
-    manifest_key = next((key for key, rel in relative_by_key.items() if rel == MANIFEST_NAME), None)
-    to_download = {key: rel for key, rel in relative_by_key.items()
-                   if rel != MANIFEST_NAME and not rel.endswith(PICKLE_SUFFIXES)}
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.download-"))
     try:
-        files = {relative: _download_verified(client, bucket, key, staging / relative)
-                 for key, relative in sorted(to_download.items(), key=lambda item: item[1])}
-        if manifest_key is not None:
-            manifest = _read_manifest(client, bucket, manifest_key)
-            _check_manifest({rel: d for rel, d in manifest.items() if not rel.endswith(PICKLE_SUFFIXES)}, files, uri)
-        else:
-            logger.warning("no %s under %s: checksums not verified", MANIFEST_NAME, uri)
+        files = _download_checked(client, uri, relative_by_key, staging,
+                                  lambda relative: not relative.endswith(PICKLE_SUFFIXES))
         for relative in weights:
             _check_safetensors(staging / relative, uri)
         (staging / COMPLETE_MARKER).write_text(uri + "\n", encoding="utf-8")
