@@ -1,4 +1,5 @@
-# make demo: the whole workflow on the embedded default.  make test: the test suite.
+# make demo: the whole workflow on the embedded default.  make test: the test suite (make test-fast: its
+# quick part, minutes).
 # Both create .venv on first use; everything runs offline.
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
@@ -7,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-fast lint clean
 
 venv: $(STAMP)
 
@@ -22,8 +23,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/detox demo
 
+# PYTEST_ARGS: extra pytest options, e.g. make test PYTEST_ARGS="--durations=25 -x".
 test: $(STAMP)
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The edit loop: no embedded build, no DAG runs; tiny models made from a config only.
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

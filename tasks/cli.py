@@ -50,10 +50,23 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def load_config(args: argparse.Namespace, config_class=RunConfig):
     overrides: dict[str, Any] = {}
     if args.config:
-        with open(args.config, encoding="utf-8") as handle:
-            overrides.update(json.load(handle))
+        overrides.update(read_config_file(args.config))
     overrides.update(parse_overrides(args.set))
     return config_class.for_profile(args.profile, overrides)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The JSON object of config fields in ``path``; a :class:`ConfigError` naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            fields = json.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"--config {path}: not a readable JSON file ({err})") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of config fields, got {type(fields).__name__}")
+    return fields
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,11 +127,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _dispatch(args)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:
-        logging.getLogger("detox").error("%s", err)
-        return 2
+        return _fail(err)
+    except ConnectionError as err:
+        if not isinstance(err, _unavailable_services()):
+            raise
+        return _fail(err)
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _unavailable_services() -> tuple[type[ConnectionError], ...]:
+    """S3 or the tracking server out of reach after their retries: worth one line, not a traceback."""
+    from tasks.storage import S3UnavailableError
+    from tasks.tracking import TrackingUnavailableError
+
+    return S3UnavailableError, TrackingUnavailableError
+
+
+def _fail(err: BaseException) -> int:
+    """One line on stderr, as argparse reports a bad argument, and exit code 2."""
+    print(f"detox: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 2
 
 
 def _dispatch(args: argparse.Namespace) -> dict | None:

@@ -1,6 +1,7 @@
 import os
 
 import pytest
+from support import FINDERS, REQUIRE_VARIABLE, build_tiny_world, required_dependencies
 
 from tasks.embedded import build_embedded_default
 
@@ -8,6 +9,34 @@ from tasks.embedded import build_embedded_default
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# A test that uses one of these needs the embedded default: a build of minutes on a cold start.
+EMBEDDED_FIXTURES = {"embedded", "demo", "detox_home"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the embedded default are ``slow`` whatever their module says, so ``make test-fast``
+    (``-m "not slow"``) never starts the build."""
+    for item in items:
+        if EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skipped test marked with a dependency that ``DETOX_REQUIRE`` names fails instead: in CI
+    a missing Postgres, docker-compose or Chromium must not pass unnoticed (see support.require)."""
+    outcome = yield
+    report = outcome.get_result()
+    required = required_dependencies()
+    if not report.skipped or not required or hasattr(report, "wasxfail"):
+        return
+    marks = {mark.name for mark in item.iter_markers()}
+    needed = sorted(marks & (set(FINDERS) if "all" in required else required))
+    if needed:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped ({reason}), but {REQUIRE_VARIABLE} requires {', '.join(needed)}"
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +75,26 @@ def detox_home(tmp_path_factory):
             config["base_model_name_or_path"] = str(home.joinpath(*parts[start:]))
             adapter_config.write_text(json.dumps(config, indent=2))
     return home
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A DETOX_HOME whose embedded default holds tiny untrained models made from a config (seconds,
+    not minutes): see support.build_tiny_world. Use it through ``tiny_env``."""
+    home = tmp_path_factory.mktemp("tiny-home")
+    return home, build_tiny_world(home)
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tiny_world):
+    """For one module: DETOX_HOME on the tiny world and MLflow on a SQLite file in it (shared by the
+    modules that use it; they register under names of their own). The demo profile then names the
+    tiny models. The environment comes back afterwards."""
+    home, paths = tiny_world
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DETOX_HOME", str(home))
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+        yield paths
 
 
 @pytest.fixture(scope="session")

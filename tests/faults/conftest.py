@@ -30,6 +30,9 @@ class FaultyProxy:
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.connections = 0
+        self._cut: tuple[bytes, float] | None = None
+        self.cuts = 0
+        self.connections_at_cut: int | None = None
         self.up()
 
     @property
@@ -57,6 +60,23 @@ class FaultyProxy:
                 _close(sock)
             self._open.clear()
 
+    def cut_on(self, request_bytes: bytes, back_after_s: float) -> None:
+        """The next request whose bytes contain ``request_bytes`` is not forwarded: the proxy goes
+        :meth:`down` as it arrives, cutting every open connection, and comes back ``back_after_s``
+        later. A cut in the middle of an operation, wherever a poll loop would land."""
+        self._cut = (request_bytes, back_after_s)
+
+    def _maybe_cut(self, data: bytes) -> bool:
+        cut = self._cut
+        if cut is None or cut[0] not in data:
+            return False
+        self._cut = None
+        self.cuts += 1
+        self.connections_at_cut = self.connections
+        self.down()
+        threading.Timer(cut[1], self.up).start()
+        return True
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -76,12 +96,14 @@ class FaultyProxy:
                     return
                 self._open.update((client, upstream))
                 self.connections += 1
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+            for source, sink, inspect in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(source, sink, inspect), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, inspect: bool) -> None:
         try:
             while data := source.recv(65536):
+                if inspect and self._maybe_cut(data):
+                    return
                 sink.sendall(data)
         except OSError:
             pass

@@ -388,16 +388,17 @@ def test_local_server_on_a_busy_port_fails_clearly():
 TEXTS = ["you are an idiot and I hate you", "thanks for the lovely summary of the meeting"]
 
 
-def test_a_model_mirrored_in_s3_loads_like_the_local_copy(embedded, tmp_path, bucket_uri, monkeypatch):
+def test_a_model_mirrored_in_s3_loads_like_the_local_copy(tiny_world, tmp_path, bucket_uri, monkeypatch):
+    _, models = tiny_world
     uri = f"{bucket_uri}/mirror/hate-classifier"
-    upload_directory(embedded.reward_model, uri)
+    upload_directory(models.reward_model, uri)
     bucket, prefix = parse_s3_uri(uri)
     s3_client().put_object(Bucket=bucket, Key=f"{prefix}/training_args.bin", Body=b"a pickle")
     monkeypatch.setenv("DETOX_HOME", str(tmp_path / "home"))
 
     mirrored = RewardModel(uri)  # the name a config would carry
 
-    local = RewardModel(str(embedded.reward_model))
+    local = RewardModel(str(models.reward_model))
     torch.testing.assert_close(mirrored.reward(TEXTS), local.reward(TEXTS))
     copy = tmp_path / "home" / "models" / bucket / prefix
     assert (copy / "config.json").is_file() and not (copy / "training_args.bin").exists()  # no pickle
@@ -406,11 +407,12 @@ def test_a_model_mirrored_in_s3_loads_like_the_local_copy(embedded, tmp_path, bu
     assert mirrored_model(uri) == str(copy)
 
 
-def test_a_tampered_or_incomplete_model_mirror_is_refused_and_leaves_nothing(embedded, tmp_path, bucket_uri):
+def test_a_tampered_or_incomplete_model_mirror_is_refused_and_leaves_nothing(tiny_world, tmp_path, bucket_uri):
+    _, models = tiny_world
     uri = f"{bucket_uri}/mirror/tampered"
-    upload_directory(embedded.reward_model, uri)
+    upload_directory(models.reward_model, uri)
     bucket, prefix = parse_s3_uri(uri)
-    weights = (embedded.reward_model / "model.safetensors").read_bytes()
+    weights = (models.reward_model / "model.safetensors").read_bytes()
     s3_client().put_object(Bucket=bucket, Key=f"{prefix}/model.safetensors", Body=weights[:-1] + b"\x00")
     with pytest.raises(AdapterDownloadError, match="checksum mismatch for model.safetensors"):
         mirrored_model(uri, tmp_path / "models")

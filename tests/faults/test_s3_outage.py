@@ -1,5 +1,9 @@
 """S3 goes away in the middle of a run: the pipeline's S3 calls wait and retry with backoff,
-then either succeed once S3 is back or fail naming the endpoint, leaving no partial files."""
+then either succeed once S3 is back or fail naming the endpoint, leaving no partial files.
+
+The bucket holds a tiny SFT adapter made from a config (no embedded build), where the demo
+profile looks for its adapter.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +15,35 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tasks import pipeline
+from tasks import pipeline, tracking
 from tasks.config import RunConfig
-from tasks.storage import Backoff, S3UnavailableError, download_adapter, download_file
+from tasks.local_s3 import LocalS3Server
+from tasks.storage import Backoff, S3UnavailableError, download_adapter, download_file, s3_client, upload_directory
 
 FAST = Backoff(attempts=8, first_delay_s=0.25, max_delay_s=1.0)
 
 
+@pytest.fixture(scope="module")
+def s3_server(tiny_env):
+    """S3 on loopback holding the tiny SFT adapter at the demo profile's adapter URI."""
+    with LocalS3Server() as server, pytest.MonkeyPatch.context() as patch:
+        for name, value in server.env().items():
+            patch.setenv(name, value)
+        uri = RunConfig.for_profile("demo").model.sft_adapter_uri
+        upload_directory(tiny_env.sft_adapter, uri, client=s3_client(server.endpoint_url))
+        yield server
+
+
 @pytest.fixture
-def s3_behind_proxy(demo, faulty_proxy, monkeypatch):
-    """The demo's S3 server (holding the SFT adapter) reached only through a proxy we can take down."""
+def s3_behind_proxy(s3_server, faulty_proxy, monkeypatch):
+    """The S3 server reached only through a proxy we can take down."""
     proxy = faulty_proxy(urlparse(os.environ["AWS_ENDPOINT_URL_S3"]).port)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
     return proxy
+
+
+def retry_warnings(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if "S3 unreachable" in record.getMessage()]
 
 
 def bring_back_after(proxy, seconds: float) -> threading.Thread:
@@ -52,19 +72,40 @@ def test_adapter_download_waits_for_s3_to_come_back(s3_behind_proxy, tmp_path, c
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no staging folder left from failed attempts
 
 
-def test_the_download_step_survives_an_outage(s3_behind_proxy, monkeypatch):
+def test_the_download_step_survives_an_outage(s3_behind_proxy, monkeypatch, caplog):
     """The DAG's download_adapter step, with the retry policy operators set through the environment."""
     monkeypatch.setenv("DETOX_S3_ATTEMPTS", "8")
     monkeypatch.setenv("DETOX_S3_BACKOFF_S", "0.25")
     config = RunConfig.for_profile("demo")
+    tracking.open_run(config, "fault-s3-outage")  # the tracking database is ready: the step goes to S3 at once
     s3_behind_proxy.down()
     restorer = bring_back_after(s3_behind_proxy, 1.5)
 
-    result = pipeline.download_adapter(config, pipeline.StepContext(run_key="fault-s3-outage"))
+    with caplog.at_level(logging.WARNING, logger="tasks.storage"):
+        result = pipeline.download_adapter(config, pipeline.StepContext(run_key="fault-s3-outage"))
     restorer.join()
 
     assert (config.run_dir("fault-s3-outage") / "adapters" / "sft" / "adapter_model.safetensors").is_file()
     assert set(result["files"]) >= {"adapter_config.json", "adapter_model.safetensors"}
+    retries = retry_warnings(caplog)
+    assert retries, "the outage was not noticed"  # the step retried, it did not just find S3 up
+    assert "attempt 1 of 8" in retries[0] and "retrying in 0.2 s" in retries[0]  # 0.25 s, as the variables say
+
+
+def test_the_retry_policy_comes_from_the_environment(s3_behind_proxy, monkeypatch, caplog):
+    """DETOX_S3_ATTEMPTS and DETOX_S3_BACKOFF_S set the attempts and the first wait (defaults: 5 and 2 s)."""
+    monkeypatch.setenv("DETOX_S3_ATTEMPTS", "3")
+    monkeypatch.setenv("DETOX_S3_BACKOFF_S", "0.1")
+    config = RunConfig.for_profile("demo")
+    s3_behind_proxy.down()
+
+    with caplog.at_level(logging.WARNING, logger="tasks.storage"), pytest.raises(S3UnavailableError) as raised:
+        pipeline.download_adapter(config, pipeline.StepContext(run_key="fault-s3-policy"))
+
+    assert "3 attempts failed" in str(raised.value)
+    waits = [message.split("retrying in ")[1] for message in retry_warnings(caplog)]
+    assert waits == ["0.1 s", "0.2 s"]  # doubling from the configured first wait, two waits for three tries
+    assert not (config.run_dir("fault-s3-policy") / "adapters").exists()
 
 
 def test_s3_that_stays_down_fails_clearly_and_writes_nothing(s3_behind_proxy, tmp_path):
@@ -86,23 +127,16 @@ def test_s3_that_stays_down_fails_clearly_and_writes_nothing(s3_behind_proxy, tm
 
 
 def test_a_connection_cut_mid_transfer_is_retried(s3_behind_proxy, tmp_path):
-    """The endpoint answers, then the network drops every open connection; the next attempt succeeds."""
+    """The endpoint answered the listing; as the weights are requested the network drops every open
+    connection for a second; the download starts again and succeeds."""
     uri = RunConfig.for_profile("demo").model.sft_adapter_uri
-    cuts = []
+    s3_behind_proxy.cut_on(b"/adapter_model.safetensors HTTP/1.1", back_after_s=1.0)
 
-    def cut_once_connected():
-        deadline = time.monotonic() + 30
-        while s3_behind_proxy.connections == 0 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        s3_behind_proxy.down()
-        cuts.append(s3_behind_proxy.connections)
-        time.sleep(0.5)
-        s3_behind_proxy.up()
-
-    cutter = threading.Thread(target=cut_once_connected)
-    cutter.start()
     info = download_adapter(uri, tmp_path / "adapter", backoff=FAST)
-    cutter.join()
 
-    assert cuts and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert s3_behind_proxy.cuts == 1  # the cut happened, in the middle of the download
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert set(info.files) >= {"adapter_config.json", "adapter_model.safetensors"}
+    # It connected again after the cut: a retry, not a lucky finish.
+    assert s3_behind_proxy.connections > s3_behind_proxy.connections_at_cut
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]

@@ -37,10 +37,11 @@ def test_trust_remote_code_is_off_in_every_profile():
         assert config.trust_remote_code is False
 
 
-def test_a_model_folder_with_custom_code_is_refused_and_its_code_never_runs(embedded, tmp_path):
+def test_a_model_folder_with_custom_code_is_refused_and_its_code_never_runs(tiny_world, tmp_path):
+    _, models = tiny_world
     marker = tmp_path / "custom-code-ran"
     folder = tmp_path / "custom-model"
-    shutil.copytree(embedded.reward_model, folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    shutil.copytree(models.reward_model, folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
     classes = ("AutoConfig", "AutoTokenizer", "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification")
     (folder / "config.json").write_text(json.dumps({
         "model_type": "detox-custom", "auto_map": {name: "custom.Anything" for name in classes}}))
@@ -54,9 +55,10 @@ def test_a_model_folder_with_custom_code_is_refused_and_its_code_never_runs(embe
 
 
 @pytest.mark.parametrize("kind", ["policy", "classifier"])
-def test_pickled_weights_are_never_unpickled(embedded, tmp_path, kind):
+def test_pickled_weights_are_never_unpickled(tiny_world, tmp_path, kind):
     """A model folder whose weights are a pickle is refused, and the pickle is never opened."""
-    source = embedded.policy_base if kind == "policy" else embedded.reward_model
+    _, models = tiny_world
+    source = models.policy_base if kind == "policy" else models.reward_model
     folder = tmp_path / kind
     shutil.copytree(source, folder, ignore=shutil.ignore_patterns("*.safetensors"))
     marker = tmp_path / "pickle-ran"
