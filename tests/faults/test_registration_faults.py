@@ -1,11 +1,17 @@
 """Registration cut short, retried, and decided against a champion that has since moved:
-the alias never points at a half-registered model and no version is registered twice."""
+the alias never points at a half-registered model and no version is registered twice.
+
+The model is the tiny T5 of the tiny world merged with its SFT adapter: registration does
+not care how well a model summarizes, so no embedded build is needed.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
+from mlflow.entities.model_registry.model_version_status import ModelVersionStatus
 from mlflow.tracking import MlflowClient
 
 from tasks import tracking
@@ -16,10 +22,10 @@ EXAMPLE = "#Person1#: Hi.\n#Person2#: Hello."
 
 
 @pytest.fixture(scope="module")
-def merged_model(demo, tmp_path_factory):
-    """The embedded SFT policy merged as register_model would merge a PPO candidate."""
+def merged_model(tiny_env, tmp_path_factory):
+    """The tiny SFT policy merged as register_model would merge a PPO candidate."""
     config = RunConfig.for_profile("demo")
-    return merge_policy(config, [demo.sft_adapter], tmp_path_factory.mktemp("merged") / "model")
+    return merge_policy(config, [tiny_env.sft_adapter], tmp_path_factory.mktemp("merged") / "model")
 
 
 def registry(name: str) -> RunConfig:
@@ -81,7 +87,63 @@ def test_a_decision_against_a_replaced_champion_moves_nothing(merged_model):
     assert versions(name) == sorted([v1["version"], v2["version"]])  # the stale run registered nothing
 
 
-def test_the_alias_lock_excludes_a_second_holder_and_outlives_no_dead_one(demo):
+def test_the_alias_moves_only_once_the_version_is_ready(merged_model, monkeypatch):
+    """A registry that creates versions asynchronously (Databricks' does) reports PENDING_REGISTRATION
+    for a while; the champion alias must not point at such a version."""
+    config = registry("fault-pending-version")
+    name = config.registered_model_name
+    pending_reads = {"left": 2}
+    alias_moves: list[tuple[str, int]] = []
+    real_get, real_set = MlflowClient.get_model_version, MlflowClient.set_registered_model_alias
+
+    def slow_registry(self, model_name, version):
+        found = real_get(self, model_name, version)
+        if model_name == name and pending_reads["left"] > 0:
+            pending_reads["left"] -= 1
+            found._status = ModelVersionStatus.to_string(ModelVersionStatus.PENDING_REGISTRATION)
+        return found
+
+    def recording_alias_moves(self, model_name, alias, version):
+        alias_moves.append((alias, pending_reads["left"]))
+        return real_set(self, model_name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version", slow_registry)
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", recording_alias_moves)
+    registered = register_from(config, "pending-first", merged_model, expected_champion=None)
+
+    assert alias_moves == [("champion", 0)]  # moved once, after both PENDING reads, when READY was read
+    assert str(alias_version(name, "champion").version) == registered["version"]
+
+
+def test_the_aliases_do_not_move_while_another_holds_the_lock(merged_model):
+    """Two registrations at once: the second one's aliases wait for the first to let go of the lock."""
+    config = registry("fault-held-lock")
+    name = config.registered_model_name
+    first = register_from(config, "held-first", merged_model, expected_champion=None)
+    finished: list[dict] = []
+
+    with alias_lock(name):
+        second = threading.Thread(target=lambda: finished.append(
+            register_from(config, "held-second", merged_model, expected_champion=first["version"])))
+        second.start()
+        deadline = time.monotonic() + 120
+        while not any(v.tags.get("airflow.run_id") == "held-second"
+                      for v in tracking.client().search_model_versions(f"name = '{name}'")):
+            assert second.is_alive() and time.monotonic() < deadline, "the second registration never got going"
+            time.sleep(0.2)
+        time.sleep(1.5)  # registered, READY and tagged: only the lock keeps its aliases from moving now
+        assert second.is_alive()
+        assert str(alias_version(name, "champion").version) == first["version"]
+        assert alias_version(name, "previous") is None
+    second.join(timeout=60)
+
+    assert finished and finished[0]["previous_version"] == first["version"]
+    assert str(alias_version(name, "champion").version) == finished[0]["version"]
+    assert str(alias_version(name, "previous").version) == first["version"]
+    assert not lock_exists(name)
+
+
+def test_the_alias_lock_excludes_a_second_holder_and_outlives_no_dead_one(tiny_env):
     name = "fault-lock"
     with alias_lock(name):
         started = time.monotonic()
