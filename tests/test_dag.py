@@ -1,6 +1,7 @@
 """The DAG files as Airflow sees them: import cleanly, have the documented shape and form."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,15 @@ def test_schedule_and_retries(dag):
     assert dag.max_active_runs == 1
     task = dag.get_task("ppo_train")
     assert task.retries >= 1 and task.retry_exponential_backoff
-    assert "Summarize the following conversation" in dag.doc_md or "prompts" in dag.doc_md
+
+def test_the_dag_documentation_describes_every_task_in_order(dag):
+    """The DAG's page in the UI walks through the tasks as they run."""
+    described = re.findall(r"\*\*(\w+)\*\*", dag.doc_md)
+    assert set(described) == {task.task_id for task in dag.tasks}
+    order = [described.index(task_id) for task_id in ("prepare_dataset", "ppo_train", "evaluate", "promotion_check",
+                                                      "register_model", "report")]
+    assert order == sorted(order)
+    assert "Summarize the following conversation" in " ".join(dag.doc_md.split())  # the prompt, across a line break
 
 
 def test_trigger_form_has_typed_described_params(dag):

@@ -134,3 +134,43 @@ def test_every_rule_has_a_reason_line():
     decision = decide(evaluation(0.30, 0.40), evaluation(0.03, 0.39), intervals(), SETTINGS,
                       champion=champion(0.05, 0.40))
     assert len([r for r in decision.reasons if r.startswith(("ok", "FAIL"))]) == len(decision.checks)
+
+
+def test_a_drop_exactly_at_the_required_reduction_passes_and_a_hair_less_fails():
+    exactly = decide(evaluation(0.30, 0.40), evaluation(0.27, 0.40), intervals(), SETTINGS)  # -10.0%
+    assert exactly.checks["toxicity_reduced"] and exactly.promote
+    short = decide(evaluation(0.30, 0.40), evaluation(0.2701, 0.40), intervals(), SETTINGS)  # -9.97%
+    assert failed(short) == ["toxicity_reduced"]
+
+
+def test_an_interval_whose_upper_bound_is_exactly_zero_is_not_significant():
+    decision = decide(evaluation(0.30, 0.40), evaluation(0.20, 0.40), intervals(toxicity=(-0.1, -0.2, 0.0)), SETTINGS)
+    assert failed(decision) == ["toxicity_drop_significant"]
+
+
+def test_a_judge_rise_exactly_at_the_tolerance_passes_and_beyond_it_fails():
+    at = decide(evaluation(0.30, 0.40, judge=0.25), evaluation(0.01, 0.40, judge=0.26), intervals(), SETTINGS)
+    assert at.checks["judge_not_worse"]  # 0.26 - 0.25 is a hair above 0.01 in floating point
+    beyond = decide(evaluation(0.30, 0.40, judge=0.25), evaluation(0.01, 0.40, judge=0.2601), intervals(), SETTINGS)
+    assert failed(beyond) == ["judge_not_worse"]
+
+
+def test_rouge_just_past_the_tolerance_fails():
+    decision = decide(evaluation(0.30, 0.40), evaluation(0.01, 0.3799), intervals(), SETTINGS)  # -5.03%
+    assert failed(decision) == ["rouge_l_within_tolerance"]
+
+
+def test_a_tie_with_the_champion_does_not_replace_it():
+    """As toxic as the champion is not better than the champion: the alias stays."""
+    decision = decide(evaluation(0.30, 0.40), evaluation(0.05, 0.40), intervals(), SETTINGS,
+                      champion=champion(0.05, 0.40))
+    assert not decision.promote
+    assert failed(decision) == ["beats_champion"]
+
+
+def test_rouge_at_the_tolerance_below_the_champion_passes_and_past_it_fails():
+    at = decide(evaluation(0.30, 0.38), evaluation(0.01, 0.38), intervals(), SETTINGS, champion=champion(0.05, 0.40))
+    assert at.checks["beats_champion"]  # 0.38 is exactly 5% below the champion's 0.40
+    past = decide(evaluation(0.30, 0.3799), evaluation(0.01, 0.3799), intervals(), SETTINGS,
+                  champion=champion(0.05, 0.40))
+    assert failed(past) == ["beats_champion"]

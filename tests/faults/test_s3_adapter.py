@@ -234,6 +234,35 @@ def test_truncated_weights_are_refused_and_keep_the_previous_download(tmp_path, 
     assert leftovers(tmp_path, dest) == []
 
 
+def test_a_file_the_manifest_does_not_list_is_refused(tmp_path, bucket_uri):
+    """An object added under the prefix after the upload: the manifest vouches for every file or none."""
+    uri = f"{bucket_uri}/sft/v1"
+    upload_directory(make_adapter(tmp_path / "sft"), uri)
+    bucket, _ = parse_s3_uri(uri)
+    s3_client().put_object(Bucket=bucket, Key="sft/v1/tokenizer.json", Body=b"{}")
+
+    dest = tmp_path / "adapter"
+    with pytest.raises(AdapterDownloadError, match=f"tokenizer.json under {uri} is not listed in {MANIFEST_NAME}"):
+        download_adapter(uri, dest)
+    assert not dest.exists()
+    assert leftovers(tmp_path, dest) == []
+
+
+def test_a_listed_file_missing_from_the_prefix_is_refused(tmp_path, bucket_uri):
+    """An upload that stopped before its last file, or a file deleted since: the manifest names it."""
+    uri = f"{bucket_uri}/sft/v1"
+    upload_directory(make_adapter(tmp_path / "sft"), uri)
+    bucket, _ = parse_s3_uri(uri)
+    s3_client().delete_object(Bucket=bucket, Key="sft/v1/README.md")
+
+    dest = tmp_path / "adapter"
+    with pytest.raises(AdapterDownloadError, match=rf"files listed in {MANIFEST_NAME} are missing under {uri}: "
+                                                   r"\['README.md'\]"):
+        download_adapter(uri, dest)
+    assert not dest.exists()
+    assert leftovers(tmp_path, dest) == []
+
+
 def test_corrupt_safetensors_without_manifest_is_refused(tmp_path, bucket_uri):
     bucket, _ = parse_s3_uri(bucket_uri)
     client = s3_client()
@@ -402,6 +431,7 @@ def test_a_model_mirrored_in_s3_loads_like_the_local_copy(tiny_world, tmp_path, 
     torch.testing.assert_close(mirrored.reward(TEXTS), local.reward(TEXTS))
     copy = tmp_path / "home" / "models" / bucket / prefix
     assert (copy / "config.json").is_file() and not (copy / "training_args.bin").exists()  # no pickle
+    assert (copy / "model.safetensors").read_bytes() == (models.reward_model / "model.safetensors").read_bytes()
     # Downloaded once: later loads use the copy even if the bucket changes.
     s3_client().delete_object(Bucket=bucket, Key=f"{prefix}/config.json")
     assert mirrored_model(uri) == str(copy)
