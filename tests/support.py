@@ -127,8 +127,9 @@ def tiny_sft_adapter(base: Path, folder: Path) -> Path:
     return folder
 
 
-def tiny_classifier(folder: Path) -> Path:
-    """A RoBERTa sequence classifier with the labels ``nothate``/``hate`` (the reward's label names)."""
+def tiny_classifier(folder: Path, labels: tuple[str, ...] | None = ("nothate", "hate")) -> Path:
+    """A RoBERTa sequence classifier with the labels ``nothate``/``hate`` (the reward's label names),
+    or with ``labels=None`` one output, as a preference reward model starts."""
     import torch
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
@@ -136,8 +137,12 @@ def tiny_classifier(folder: Path) -> Path:
                                 pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=32, max_position_embeddings=40, type_vocab_size=1, pad_token_id=1,
-                           bos_token_id=0, eos_token_id=2, id2label={0: "nothate", 1: "hate"},
-                           label2id={"nothate": 0, "hate": 1})
+                           bos_token_id=0, eos_token_id=2)
+    if labels is None:
+        config.num_labels = 1
+    else:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: index for index, label in enumerate(labels)}
     torch.manual_seed(2)
     RobertaForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

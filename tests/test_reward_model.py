@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from support import tiny_classifier
 
 from tasks.config import ConfigError, RewardGateSettings, RewardRunConfig, RewardTrainingSettings, RunConfig
 from tasks.embedded import build_embedded_reward, contains_insult, preference_records
@@ -107,11 +108,23 @@ def test_scalar_reward_scores_prompt_and_response_and_has_no_toxicity(trained, p
         scorer.toxicity([pair.chosen])
 
 
-def test_a_failed_training_leaves_no_model_folder(pairs, tmp_path):
-    settings = RewardTrainingSettings(base_model=str(tmp_path / "missing-encoder"))
-    with pytest.raises(OSError):
-        train_reward_model(settings, pairs[:8], tmp_path / "model", device="cpu")
-    assert list(tmp_path.iterdir()) == []
+def test_a_failed_training_leaves_no_model_folder(tmp_path):
+    """Training that fails once under way (its staging folder and the trainer's output exist) leaves
+    neither a model folder nor its staging folder behind. A tiny one-output encoder made from a config."""
+    base = tiny_classifier(tmp_path / "encoder", labels=None)
+    pairs = [Pair(prompt=f"summarize : # person1 hi {i}", chosen="thanks for help", rejected="you stupid idiot",
+                  line=i) for i in range(8)]
+    staging_seen = []
+
+    def fail_once_training_ran(metrics, step):
+        staging_seen.extend(path.name for path in (tmp_path / "out").iterdir())
+        raise RuntimeError("injected: worker lost during training")
+
+    settings = RewardTrainingSettings(base_model=str(base), batch_size=4, epochs=1)
+    with pytest.raises(RuntimeError, match="injected"):
+        train_reward_model(settings, pairs, tmp_path / "out" / "model", device="cpu", on_log=fail_once_training_ran)
+    assert staging_seen and all(name.startswith(".model-") for name in staging_seen)  # it did fail midway
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_gate_registers_only_at_or_above_the_bar():
