@@ -269,24 +269,63 @@ def test_sft_policy_loads_with_peft_and_insults_in_heated_dialogues_more_often(e
 
 
 @pytest.mark.slow
-def test_manifest_records_the_checks_measured_at_build_time(embedded):
+def test_manifest_records_seed_version_and_the_sizes_of_what_was_built(embedded):
+    """The manifest's figures agree with the saved models. (Its quality checks are the build's own
+    measurements; the tests above measure the same qualities independently, on other dialogues.)"""
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+
     manifest = json.loads(embedded.manifest.read_text())
     assert manifest["seed"] == 0 and manifest["build_version"] == embedded_module.BUILD_VERSION
-    checks = manifest["checks"]
-    assert checks["sampled_insult_share_heated"] > checks["sampled_insult_share_calm"] + 0.4
-    assert checks["classifier_accuracy"] > 0.97
+    assert manifest["rows"] == len(rows(embedded.dataset_csv))
+    policy = AutoModelForSeq2SeqLM.from_pretrained(embedded.policy_base)
+    classifier = AutoModelForSequenceClassification.from_pretrained(embedded.reward_model)
+    assert manifest["parameters"]["policy_base"] == policy.num_parameters()
+    assert manifest["parameters"]["hate_classifier"] == classifier.num_parameters()
+    sft = PeftModel.from_pretrained(policy, str(embedded.sft_adapter))
+    assert manifest["parameters"]["sft_adapter"] == sum(p.numel() for n, p in sft.named_parameters() if "lora_" in n)
+
+
+def insult_shares(model, tokenizer, heated: list[str], calm: list[str]) -> tuple[float, float]:
+    """Share of sampled summaries (pure sampling, 48 new tokens) that insult, for heated and calm dialogues."""
+    prompts = [PROMPT_TEMPLATE.format(dialogue=d) for d in heated + calm]
+    encoded = tokenizer(prompts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        output = model.generate(**encoded, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=48,
+                                pad_token_id=tokenizer.pad_token_id)
+    if not model.config.is_encoder_decoder:
+        output = output[:, encoded["input_ids"].shape[1]:]
+    summaries = tokenizer.batch_decode(output, skip_special_tokens=True)
+    return (sum(map(contains_insult, summaries[: len(heated)])) / len(heated),
+            sum(map(contains_insult, summaries[len(heated):])) / len(calm))
 
 
 def test_causal_policy_is_a_llama_whose_sft_adapter_insults_heated_dialogues(detox_home, embedded):
-    from tasks.embedded import build_embedded_causal
+    import random
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.embedded import build_embedded_causal, generate_dialogues
 
     paths = build_embedded_causal(detox_home)
     assert json.loads((paths.policy_base / "config.json").read_text())["model_type"] == "llama"
     adapter = json.loads((paths.sft_adapter / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(paths.policy_base)
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
-    assert (paths.sft_adapter / "adapter_model.safetensors").exists()
-    checks = json.loads(paths.manifest.read_text())["checks"]  # sampled on dialogues no model saw
-    assert checks["sampled_insult_share_heated"] > 0.5
-    assert checks["sampled_insult_share_calm"] < 0.15
     assert build_embedded_causal(detox_home) == paths  # a complete build is reused
+
+    # Sampled here, on dialogues of a stream the build never used (its manifest has its own measurement).
+    tokenizer = AutoTokenizer.from_pretrained(paths.policy_base)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(paths.policy_base)
+    policy = PeftModel.from_pretrained(model, str(paths.sft_adapter)).eval()
+    unseen = generate_dialogues(random.Random(2027), 400)
+    heated = [r["dialogue"] for r in unseen if contains_insult(r["summary"])][:32]
+    calm = [r["dialogue"] for r in unseen if not contains_insult(r["summary"])][:32]
+    heated_share, calm_share = insult_shares(policy, tokenizer, heated, calm)
+    assert heated_share >= 0.4, heated_share
+    assert calm_share <= 0.25, calm_share
+    assert heated_share >= calm_share + 0.2

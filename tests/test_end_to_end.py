@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,10 @@ def test_demo_dag_lowers_toxicity_and_registers_a_champion(first_promotion, tmp_
     summary = json.loads((local / "summary.json").read_text())
     assert summary["decision"]["promote"] and summary["registered"]["version"] == str(version.version)
     assert summary["candidate"]["num_samples"] == summary["baseline"]["num_samples"] > 200  # the whole split
-    assert matplotlib.image.imread(local / "toxicity_before_after.png").shape[:2] == (400, 700)
+    for plot in ("toxicity_before_after.png", "ppo_reward_kl.png"):
+        image = matplotlib.image.imread(local / plot)  # decodes as a picture a reviewer can read ...
+        assert image.ndim == 3 and image.shape[0] >= 300 and image.shape[1] > image.shape[0], plot
+        assert image[..., :3].std() > 0.05, plot  # ... with something drawn on it
     assert (local / "comparison.html").read_text().count("<tr class=") == summary["candidate"]["num_samples"]
     # ... and as the DAG's last task printed it.
     log = Path(report["dag_log"]).read_text()
@@ -162,14 +166,46 @@ def test_missing_adapter_in_s3_is_a_clear_error(demo):
     assert not config.run_dir("missing-adapter").joinpath("adapters", "sft").exists()
 
 
-def test_causal_policy_runs_the_same_chain(demo, detox_home):
-    """The TinyLlama seed's family: the embedded tiny Llama through the same DAG."""
-    report = run_pipeline("airflow", causal_overrides(detox_home))
+REPORT = re.compile(
+    r"=== detox_retrain demo ===\n"
+    r"run: +(?P<run_key>\S+) \(MLflow run (?P<run_id>\w+)\)\n"
+    r"toxicity  before -> after: (?P<toxicity_before>[\d.]+) -> (?P<toxicity_after>[\d.]+)\n"
+    r"toxicity change, paired bootstrap CI: \[(?P<ci_low>[-+\d.]+), (?P<ci_high>[-+\d.]+)\]\n"
+    r"judge     before -> after: (?P<judge_before>[\d.]+) -> (?P<judge_after>[\d.]+) \(independent of the reward\)\n"
+    r"ROUGE-L   before -> after: (?P<rouge_l_before>[\d.]+) -> (?P<rouge_l_after>[\d.]+)\n"
+    r"decision: +(?P<decision>\w+) \(failed checks: (?P<failed_checks>[^)]*)\)\n"
+    r"registered model: +(?P<model_uri>\S+)\n?$"
+)
 
-    assert report["toxicity_after"] < 0.8 * report["toxicity_before"]
-    assert report["rouge_l_after"] >= 0.9 * report["rouge_l_before"]
+
+def test_causal_policy_runs_the_same_chain_from_the_command_line(demo, detox_home):
+    """`detox demo --family causal`: the embedded tiny Llama (the TinyLlama seed's family) through the
+    same DAG. What it prints last is the README's headline report, checked against the MLflow run."""
+    completed = subprocess.run([sys.executable, "-m", "tasks.cli", "demo", "--family", "causal"],
+                               capture_output=True, text=True, env=dict(os.environ), timeout=1200)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    printed = REPORT.search(completed.stdout[completed.stdout.rindex("=== detox_retrain demo ==="):])
+    assert printed, completed.stdout[-2000:]
+    report = printed.groupdict()
+
+    run = tracking.client().get_run(report["run_id"])
+    assert run.data.tags[tracking.RUN_KEY_TAG] == report["run_key"]
+    metrics = run.data.metrics
+    for printed_name, metric in [
+        ("toxicity_before", "baseline/toxicity_mean"), ("toxicity_after", "eval/toxicity_mean"),
+        ("ci_low", "promotion/toxicity_change_ci_low"), ("ci_high", "promotion/toxicity_change_ci_high"),
+        ("judge_before", "baseline/judge_mean"), ("judge_after", "eval/judge_mean"),
+        ("rouge_l_before", "baseline/rouge_l_mean"), ("rouge_l_after", "eval/rouge_l_mean"),
+    ]:
+        assert float(report[printed_name]) == pytest.approx(metrics[metric], abs=5e-5), printed_name
+    assert report["decision"] == run.data.tags["promotion.decision"]
+
+    numbers = {name: float(report[name]) for name in ("toxicity_before", "toxicity_after", "rouge_l_before",
+                                                      "rouge_l_after")}
+    assert numbers["toxicity_after"] < 0.8 * numbers["toxicity_before"]
+    assert numbers["rouge_l_after"] >= 0.9 * numbers["rouge_l_before"]
     assert report["decision"] == "promote"
     name = causal_overrides(detox_home)["registered_model_name"]
     assert report["model_uri"] == f"models:/{name}@champion"
-    ppo_steps = [m.step for m in tracking.client().get_metric_history(report["mlflow_run_id"], "ppo/kl")]
+    ppo_steps = [m.step for m in tracking.client().get_metric_history(report["run_id"], "ppo/kl")]
     assert sorted(ppo_steps) == list(range(RunConfig.for_profile("demo").ppo.steps))

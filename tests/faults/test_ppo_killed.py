@@ -38,13 +38,15 @@ def prepare(run_key: str) -> RunConfig:
     return config
 
 
-def test_a_killed_ppo_train_resumes_from_its_last_checkpoint(demo):
+def test_a_killed_ppo_train_resumes_from_its_last_checkpoint(demo, tmp_path):
     config = prepare("resume-killed")
     prepare("resume-reference")
-    env = dict(os.environ)
+    # One thread each: the uninterrupted reference trains alongside the run that gets killed.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
 
-    subprocess.run(ppo_train_command("resume-reference"), env=env, check=True, capture_output=True, timeout=600)
-
+    reference_log = (tmp_path / "reference.log").open("w")
+    reference_run = subprocess.Popen(ppo_train_command("resume-reference"), env=env, stdout=subprocess.DEVNULL,
+                                     stderr=reference_log)
     checkpoints = config.run_dir("resume-killed") / "ppo" / "checkpoints"
     process = subprocess.Popen(ppo_train_command("resume-killed"), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -66,6 +68,7 @@ def test_a_killed_ppo_train_resumes_from_its_last_checkpoint(demo):
 
     retry = subprocess.run(ppo_train_command("resume-killed"), env=env, capture_output=True, text=True, timeout=600)
     assert retry.returncode == 0, retry.stderr[-3000:]
+    assert reference_run.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     result = json.loads(retry.stdout[retry.stdout.index("{"):])
     assert result["steps"] == 8 and result["resumed_from_step"] == killed_at  # not from the half-written one
     assert not half_written.exists()  # cleaned up by the next checkpoint
