@@ -35,6 +35,7 @@ def pytest_runtest_makereport(item, call):
     needed = sorted(marks & (set(FINDERS) if "all" in required else required))
     if needed:
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
         report.outcome = "failed"
         report.longrepr = f"skipped ({reason}), but {REQUIRE_VARIABLE} requires {', '.join(needed)}"
 
