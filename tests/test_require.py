@@ -60,9 +60,9 @@ def test_what_detox_require_names_fails_when_missing(suite, monkeypatch):
     monkeypatch.setenv("DETOX_REQUIRE", "postgres,a-missing-tool")
     result = suite.runpytest_subprocess("-p", "no:cacheprovider", "-rfE")
     result.assert_outcomes(passed=1, skipped=1, failed=1, errors=1)  # the skipif fails in setup: an error
-    result.stdout.fnmatch_lines([
-        "*a-missing-tool not installed, and DETOX_REQUIRE=postgres,a-missing-tool requires a-missing-tool*",
+    result.stdout.fnmatch_lines([  # errors are reported before failures
         "*skipped (PostgreSQL server binaries (initdb) not installed), but DETOX_REQUIRE requires postgres*",
+        "*a-missing-tool not installed, and DETOX_REQUIRE=postgres,a-missing-tool requires a-missing-tool*",
     ])
 
 
