@@ -1,4 +1,10 @@
+import json
 import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from support import FINDERS, REQUIRE_VARIABLE, build_tiny_world, required_dependencies
@@ -12,14 +18,68 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # A test that uses one of these needs the embedded default: a build of minutes on a cold start.
 EMBEDDED_FIXTURES = {"embedded", "demo", "detox_home"}
+HOME_KEY = pytest.StashKey[Path]()
+BUILD_KEY = pytest.StashKey[subprocess.Popen]()
+
+
+def needs_embedded(item) -> bool:
+    return bool(EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())))
 
 
 def pytest_collection_modifyitems(config, items):
     """Tests on the embedded default are ``slow`` whatever their module says, so ``make test-fast``
-    (``-m "not slow"``) never starts the build."""
+    (``-m "not slow"``) never starts the build. They run last: the build runs in the background
+    meanwhile (see :func:`pytest_collection_finish`). The order is otherwise the files' own."""
     for item in items:
-        if EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if needs_embedded(item):
             item.add_marker(pytest.mark.slow)
+    items.sort(key=needs_embedded)
+
+
+def pytest_collection_finish(session):
+    """Start building the embedded default (and the reward and causal builds the demo needs) in a
+    background process as soon as the selected tests are known, so the minutes of a cold build
+    overlap with the tests that do not need it. The ``embedded`` fixture takes the build's lock,
+    so it waits for this build and finds it complete (or builds itself if this one failed)."""
+    config = session.config
+    if config.option.collectonly or not any(needs_embedded(item) for item in session.items):
+        return
+    home = config._tmp_path_factory.mktemp("home")
+    config.stash[HOME_KEY] = home
+    source = os.environ.get("DETOX_TEST_EMBEDDED_FROM")
+    if source:
+        copy_embedded_builds(Path(source), home)
+    script = ("import sys; from pathlib import Path; from tasks.embedded import build_embedded_causal, "
+              "build_embedded_default, build_embedded_reward; home = Path(sys.argv[1]); "
+              "build_embedded_default(home); build_embedded_reward(home); build_embedded_causal(home)")
+    log = (home / "background-build.log").open("w")
+    process = subprocess.Popen([sys.executable, "-c", script, str(home)], stdout=log, stderr=subprocess.STDOUT)
+    config.stash[BUILD_KEY] = process
+    # Hold on until it has the lock: a fixture asking first would build a second time in parallel.
+    lock = home / ".embedded.lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def pytest_sessionfinish(session):
+    process = session.config.stash.get(BUILD_KEY, None)
+    if process is not None and process.poll() is None:  # the session ended before needing the build
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def copy_embedded_builds(source: Path, home: Path) -> None:
+    """The embedded builds of another home (``DETOX_TEST_EMBEDDED_FROM``), re-pointed at ``home``;
+    they are checked like any earlier build."""
+    for build in source.glob("embedded*"):
+        shutil.copytree(build, home / build.name)
+    for adapter_config in home.glob("embedded*/**/adapter_config.json"):  # its base model moves along
+        config = json.loads(adapter_config.read_text())
+        parts = Path(config["base_model_name_or_path"]).parts
+        start = next(i for i, part in enumerate(parts) if part.startswith("embedded"))
+        config["base_model_name_or_path"] = str(home.joinpath(*parts[start:]))
+        adapter_config.write_text(json.dumps(config, indent=2))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -53,29 +113,17 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def detox_home(tmp_path_factory):
+def detox_home(request):
     """One DETOX_HOME per test session: embedded default, MLflow and Airflow databases, run folders.
 
-    A developer may set ``DETOX_TEST_EMBEDDED_FROM`` to a home whose embedded builds are copied
-    in instead of built (about five minutes saved); they are checked like any earlier build.
-    CI leaves it unset and builds from scratch.
+    Its embedded default is being built in the background since collection ended (see
+    :func:`pytest_collection_finish`); the ``embedded`` fixture waits for it. A developer may set
+    ``DETOX_TEST_EMBEDDED_FROM`` to a home whose embedded builds are copied in instead of built
+    (about five minutes saved). CI leaves it unset and builds from scratch.
     """
-    import json
-    import shutil
-    from pathlib import Path
-
-    home = tmp_path_factory.mktemp("home")
-    source = os.environ.get("DETOX_TEST_EMBEDDED_FROM")
-    if source:
-        for build in Path(source).glob("embedded*"):
-            shutil.copytree(build, home / build.name)
-        for adapter_config in home.glob("embedded*/**/adapter_config.json"):  # its base model moves along
-            config = json.loads(adapter_config.read_text())
-            parts = Path(config["base_model_name_or_path"]).parts
-            start = next(i for i, part in enumerate(parts) if part.startswith("embedded"))
-            config["base_model_name_or_path"] = str(home.joinpath(*parts[start:]))
-            adapter_config.write_text(json.dumps(config, indent=2))
-    return home
+    if HOME_KEY not in request.config.stash:  # asked for through request.getfixturevalue: no head start
+        request.config.stash[HOME_KEY] = request.config._tmp_path_factory.mktemp("home")
+    return request.config.stash[HOME_KEY]
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,11 @@ and Airflow does not waste retries on it."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
-from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -20,16 +22,6 @@ from tasks.storage import parse_s3_uri, s3_client
 pytestmark = pytest.mark.slow
 
 
-def dags_test(dag_id: str, conf: dict) -> str:
-    """``airflow dags test`` of the demo's DAG; its output. It must fail."""
-    ensure_airflow_db()
-    command = [sys.executable, "-m", "airflow", "dags", "test", dag_id, datetime.now(UTC).isoformat(),
-               "-c", json.dumps(conf)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0, result.stdout[-3000:]
-    return result.stdout + result.stderr
-
-
 def footprint() -> tuple[set[str], int]:
     """Run folders on disk and MLflow runs in all experiments: what a run that did any work leaves."""
     root = RunConfig.for_profile("demo").run_dir("x").parent
@@ -38,24 +30,59 @@ def footprint() -> tuple[set[str], int]:
     return folders, len(tracking.client().search_runs(experiments, max_results=5000)) if experiments else 0
 
 
-@pytest.mark.parametrize(("dag_id", "field", "value"), [
+FORM_CASES = [
     ("detox_retrain", "ppo_steps", 0),
     ("detox_retrain", "eval_samples", -3),
     ("reward_model_train", "min_accuracy", 1.5),
-])
-def test_form_values_out_of_range_are_rejected_before_any_work(demo, dag_id, field, value):
-    before = footprint()
-    output = dags_test(dag_id, {"profile": "demo", field: value})
-    assert f"Invalid input for param {field}" in output
-    assert footprint() == before
+]
 
 
-def test_unknown_config_fields_are_named_and_not_retried(demo):
+@pytest.fixture(scope="module")
+def dag_runs(demo, tmp_path_factory):
+    """Every ``airflow dags test`` of this module, all at once (each spends most of its time starting
+    Airflow), each on its own copy of the demo's Airflow database; what each printed, and the
+    footprint before and after. All of them must fail."""
+    ensure_airflow_db()
+    copies = tmp_path_factory.mktemp("airflow-dbs")
+    confs = {field: (dag_id, {"profile": "demo", field: value}) for dag_id, field, value in FORM_CASES}
+    confs["unknown-fields"] = ("detox_retrain", {"profile": "demo",
+                                                 "overrides": {"ppo.bogus": 1, "lora.rank_x": 2}})
+    confs["unusable-data"] = ("detox_retrain", {"profile": "demo", "dataset_source": upload("wrong-columns")})
     before = footprint()
-    output = dags_test("detox_retrain", {"profile": "demo", "overrides": {"ppo.bogus": 1, "lora.rank_x": 2}})
+    processes = {}
+    for day, (case, (dag_id, conf)) in enumerate(confs.items(), start=1):
+        database = copies / f"{case}.db"
+        shutil.copyfile(Path(os.environ["AIRFLOW_HOME"]) / "airflow.db", database)
+        env = dict(os.environ, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{database}")
+        command = [sys.executable, "-m", "airflow", "dags", "test", dag_id, f"2026-10-{day:02d}T00:00:00+00:00",
+                   "-c", json.dumps(conf)]
+        log = (copies / f"{case}.log").open("w")
+        processes[case] = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    outputs = {}
+    for case, process in processes.items():
+        code = process.wait(timeout=600)
+        outputs[case] = (copies / f"{case}.log").read_text()
+        assert code != 0, outputs[case][-3000:]
+    return {"outputs": outputs, "before": before, "after": footprint()}
+
+
+@pytest.mark.parametrize(("dag_id", "field", "value"), FORM_CASES)
+def test_form_values_out_of_range_are_rejected_before_any_work(dag_runs, dag_id, field, value):
+    assert f"Invalid input for param {field}" in dag_runs["outputs"][field]
+
+
+def test_unknown_config_fields_are_named_and_not_retried(dag_runs):
+    output = dag_runs["outputs"]["unknown-fields"]
     assert "unknown field 'lora.rank_x'; unknown field 'ppo.bogus'" in output
     assert "up_for_retry" not in output
-    assert footprint() == before
+
+
+def test_refused_runs_leave_no_trace(dag_runs):
+    """Of the five runs only the one with an unusable data set got as far as writing anything: one
+    run folder and one MLflow run (see test_an_unusable_data_set_fails_its_task_once_and_stops_the_run)."""
+    (folders_before, runs_before), (folders_after, runs_after) = dag_runs["before"], dag_runs["after"]
+    assert len(folders_after - folders_before) == 1
+    assert runs_after == runs_before + 1
 
 
 BAD_DATA = {
@@ -82,12 +109,11 @@ def test_unusable_data_sets_fail_prepare_dataset_and_write_nothing(demo, case):
     assert not (config.run_dir(ctx.run_key) / "data").exists()
 
 
-def test_an_unusable_data_set_fails_its_task_once_and_stops_the_run(demo):
-    folders_before, _ = footprint()
-    output = dags_test("detox_retrain", {"profile": "demo", "dataset_source": upload("wrong-columns")})
+def test_an_unusable_data_set_fails_its_task_once_and_stops_the_run(dag_runs):
+    output = dag_runs["outputs"]["unusable-data"]
     assert "DataError: " in output and "missing required column(s) ['dialogue', 'summary']" in output
     assert "up_for_retry" not in output
-    (new_run,) = footprint()[0] - folders_before
+    (new_run,) = dag_runs["after"][0] - dag_runs["before"][0]
     # The fetched source and the adapter (its task does not need the data); no data set, nothing downstream.
     written = {path.name for path in RunConfig.for_profile("demo").run_dir(new_run).iterdir()}
     assert written == {"downloads", "adapters"}

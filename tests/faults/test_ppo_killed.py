@@ -22,7 +22,7 @@ from tasks.ppo import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = {"ppo.steps": 8, "ppo.checkpoint_every": 2}
+OVERRIDES = {"ppo.steps": 6, "ppo.checkpoint_every": 2}
 
 
 def ppo_train_command(run_key: str) -> list[str]:
@@ -51,14 +51,14 @@ def test_a_killed_ppo_train_resumes_from_its_last_checkpoint(demo, tmp_path):
     process = subprocess.Popen(ppo_train_command("resume-killed"), env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while not (checkpoints / "step-000004").is_dir():
+    while not (checkpoints / "step-000002").is_dir():
         assert process.poll() is None, "ppo_train ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint after step 4 within 10 minutes"
+        assert time.monotonic() < deadline, "no checkpoint after step 2 within 10 minutes"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     assert process.wait(timeout=60) == -signal.SIGKILL
     killed_at = int(latest_checkpoint(checkpoints).name.split("-")[-1])
-    assert 4 <= killed_at < 8
+    assert 2 <= killed_at < 6
     assert not (config.run_dir("resume-killed") / "ppo" / "adapter").exists()  # no final output yet
     # What a kill in the middle of writing the next checkpoint leaves: its temporary folder, half full.
     half_written = checkpoints / f".step-{killed_at + 1:06d}-killed"
@@ -70,11 +70,11 @@ def test_a_killed_ppo_train_resumes_from_its_last_checkpoint(demo, tmp_path):
     assert retry.returncode == 0, retry.stderr[-3000:]
     assert reference_run.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     result = json.loads(retry.stdout[retry.stdout.index("{"):])
-    assert result["steps"] == 8 and result["resumed_from_step"] == killed_at  # not from the half-written one
+    assert result["steps"] == 6 and result["resumed_from_step"] == killed_at  # not from the half-written one
     assert not half_written.exists()  # cleaned up by the next checkpoint
 
     killed_dir, reference_dir = (config.run_dir(key) / "ppo" for key in ("resume-killed", "resume-reference"))
-    assert json.loads((killed_dir / "trainer_state.json").read_text())["steps_done"] == 8
+    assert json.loads((killed_dir / "trainer_state.json").read_text())["steps_done"] == 6
     resumed = load_file(str(killed_dir / "adapter" / "adapter_model.safetensors"))
     reference = load_file(str(reference_dir / "adapter" / "adapter_model.safetensors"))
     assert resumed.keys() == reference.keys()
@@ -82,7 +82,7 @@ def test_a_killed_ppo_train_resumes_from_its_last_checkpoint(demo, tmp_path):
 
     run_id = tracking.open_run(config, "resume-killed")
     steps = [metric.step for metric in tracking.client().get_metric_history(run_id, "ppo/reward_mean")]
-    assert sorted(steps) == list(range(8))  # each step once: none lost, none repeated
+    assert sorted(steps) == list(range(6))  # each step once: none lost, none repeated
     reference_run = tracking.open_run(config, "resume-reference")
     def rewards(run):
         return {m.step: m.value for m in tracking.client().get_metric_history(run, "ppo/reward_mean")}
