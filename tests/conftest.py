@@ -52,8 +52,8 @@ def pytest_collection_finish(session):
     script = ("import sys; from pathlib import Path; from tasks.embedded import build_embedded_causal, "
               "build_embedded_default, build_embedded_reward; home = Path(sys.argv[1]); "
               "build_embedded_default(home); build_embedded_reward(home); build_embedded_causal(home)")
-    log = (home / "background-build.log").open("w")
-    process = subprocess.Popen([sys.executable, "-c", script, str(home)], stdout=log, stderr=subprocess.STDOUT)
+    with (home / "background-build.log").open("w") as log:
+        process = subprocess.Popen([sys.executable, "-c", script, str(home)], stdout=log, stderr=subprocess.STDOUT)
     config.stash[BUILD_KEY] = process
     # Hold on until it has the lock: a fixture asking first would build a second time in parallel.
     lock = home / ".embedded.lock"
@@ -128,8 +128,9 @@ def detox_home(request):
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
-    """A DETOX_HOME whose embedded default holds tiny untrained models made from a config (seconds,
-    not minutes): see support.build_tiny_world. Use it through ``tiny_env``."""
+    """A home whose embedded default holds tiny untrained models made from a config (seconds, not
+    minutes): ``(home, paths)``, see support.build_tiny_world. ``tiny_env`` also points the
+    environment at it."""
     home = tmp_path_factory.mktemp("tiny-home")
     return home, build_tiny_world(home)
 
