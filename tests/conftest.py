@@ -155,13 +155,14 @@ def embedded(detox_home):
 
 @pytest.fixture(scope="session")
 def demo(detox_home, embedded):
-    """The demo's world for end-to-end tests: environment, S3 on loopback with the T5 and the
-    tiny Llama SFT adapters, SQLite stores."""
+    """The demo's world for end-to-end tests: environment, S3 on loopback with the T5 SFT adapter,
+    SQLite stores. The tiny Llama is left to the tests that use it (its build may still be running
+    in the background while the others go ahead)."""
     from tasks.demo import demo_services
 
     saved = dict(os.environ)
     try:
-        with demo_services(detox_home, causal=True) as paths:
+        with demo_services(detox_home) as paths:
             yield paths
     finally:
         os.environ.clear()
