@@ -26,19 +26,25 @@ def needs_embedded(item) -> bool:
     return bool(EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())))
 
 
+def run_order(item) -> tuple[bool, bool]:
+    """Tests without the embedded default first, those on the tiny Llama (built last) at the end."""
+    return needs_embedded(item), "causal_build" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests on the embedded default are ``slow`` whatever their module says, so ``make test-fast``
     (``-m "not slow"``) never starts the build. They run last: the build runs in the background
-    meanwhile (see :func:`pytest_collection_finish`). The order is otherwise the files' own."""
+    meanwhile (see :func:`pytest_collection_finish`), the tiny Llama's last. The order is otherwise
+    the files' own."""
     for item in items:
         if needs_embedded(item):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=needs_embedded)
+    items.sort(key=run_order)
 
 
 def pytest_collection_finish(session):
-    """Start building the embedded default (and the reward and causal builds the demo needs) in a
-    background process as soon as the selected tests are known, so the minutes of a cold build
+    """Start building the embedded default (with the reward model's base the demo needs, and the tiny
+    Llama when a selected test needs it) in a background process as soon as the selected tests are known, so the minutes of a cold build
     overlap with the tests that do not need it. The ``embedded`` fixture takes the build's lock,
     so it waits for this build and finds it complete (or builds itself if this one failed)."""
     config = session.config
@@ -49,9 +55,11 @@ def pytest_collection_finish(session):
     source = os.environ.get("DETOX_TEST_EMBEDDED_FROM")
     if source:
         copy_embedded_builds(Path(source), home)
-    script = ("import sys; from pathlib import Path; from tasks.embedded import build_embedded_causal, "
-              "build_embedded_default, build_embedded_reward; home = Path(sys.argv[1]); "
-              "build_embedded_default(home); build_embedded_reward(home); build_embedded_causal(home)")
+    builds = ["build_embedded_default", "build_embedded_reward"]  # the demo fixture needs both
+    if any("causal_build" in item.fixturenames for item in session.items):
+        builds.append("build_embedded_causal")
+    script = (f"import sys; from pathlib import Path; from tasks.embedded import {', '.join(builds)}; "
+              f"home = Path(sys.argv[1]); {'; '.join(f'{build}(home)' for build in builds)}")
     with (home / "background-build.log").open("w") as log:
         process = subprocess.Popen([sys.executable, "-c", script, str(home)], stdout=log, stderr=subprocess.STDOUT)
     config.stash[BUILD_KEY] = process
@@ -151,6 +159,14 @@ def tiny_env(tiny_world):
 def embedded(detox_home):
     """The embedded default, built once per test session into a temporary home."""
     return build_embedded_default(home=detox_home)
+
+
+@pytest.fixture(scope="session")
+def causal_build(detox_home, embedded):
+    """The embedded tiny Llama policy and its SFT adapter (the background build makes it last)."""
+    from tasks.embedded import build_embedded_causal
+
+    return build_embedded_causal(detox_home)
 
 
 @pytest.fixture(scope="session")

@@ -301,7 +301,7 @@ def insult_shares(model, tokenizer, heated: list[str], calm: list[str]) -> tuple
             sum(map(contains_insult, summaries[len(heated):])) / len(calm))
 
 
-def test_causal_policy_is_a_llama_whose_sft_adapter_insults_heated_dialogues(detox_home, embedded):
+def test_causal_policy_is_a_llama_whose_sft_adapter_insults_heated_dialogues(detox_home, causal_build):
     import random
 
     from peft import PeftModel
@@ -309,7 +309,7 @@ def test_causal_policy_is_a_llama_whose_sft_adapter_insults_heated_dialogues(det
 
     from tasks.embedded import build_embedded_causal, generate_dialogues
 
-    paths = build_embedded_causal(detox_home)
+    paths = causal_build
     assert json.loads((paths.policy_base / "config.json").read_text())["model_type"] == "llama"
     adapter = json.loads((paths.sft_adapter / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(paths.policy_base)

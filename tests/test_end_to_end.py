@@ -178,7 +178,7 @@ REPORT = re.compile(
 )
 
 
-def test_causal_policy_runs_the_same_chain_from_the_command_line(demo, detox_home):
+def test_causal_policy_runs_the_same_chain_from_the_command_line(demo, detox_home, causal_build):
     """`detox demo --family causal`: the embedded tiny Llama (the TinyLlama seed's family) through the
     same DAG. What it prints last is the README's headline report, checked against the MLflow run."""
     completed = subprocess.run([sys.executable, "-m", "tasks.cli", "demo", "--family", "causal"],
