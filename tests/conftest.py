@@ -43,10 +43,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    """Start building the embedded default (with the reward model's base the demo needs, and the tiny
-    Llama when a selected test needs it) in a background process as soon as the selected tests are known, so the minutes of a cold build
-    overlap with the tests that do not need it. The ``embedded`` fixture takes the build's lock,
-    so it waits for this build and finds it complete (or builds itself if this one failed)."""
+    """Start building the embedded default (with the reward model's base the demo needs, and the
+    tiny Llama when a selected test needs it) in a background process as soon as the selected
+    tests are known, so the minutes of a cold build overlap with the tests that do not need it.
+    The ``embedded`` fixture takes the build's lock, so it waits for this build and finds it
+    complete (or builds itself if this one failed)."""
     config = session.config
     if config.option.collectonly or not any(needs_embedded(item) for item in session.items):
         return
