@@ -73,7 +73,8 @@ class Service:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=_terminate_with_parent)
         logger.info("%s started (pid %d, log %s)", self.name, self.process.pid, self.log_path)
         return self
 
@@ -104,6 +105,16 @@ class Service:
         except PermissionError:
             return True
         return True
+
+
+def _terminate_with_parent() -> None:
+    """In the child: SIGTERM when the stack's process dies, even by SIGKILL (Linux), so no service
+    outlives it. The service's own SIGTERM handling then stops what it started."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop_services(services: list[Service], grace_s: float = STOP_GRACE_S) -> None:

@@ -9,7 +9,12 @@ that holds a copy of the session's embedded default. ``airflow_api`` wraps its R
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -69,15 +74,58 @@ class AirflowAPI:
         return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100)["task_instances"]
 
 
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def stack(embedded, detox_home, tmp_path_factory):
-    """The whole stack, started the way ``make up`` starts it, on free ports; stopped at session end."""
-    from tasks.stack import running_stack
-
+    """The whole stack started as ``make up`` starts it (``detox up`` in a process group of its own) on
+    free ports; at session end, Ctrl-C (SIGINT) to that group must leave nothing alive or listening
+    within 30 s."""
     home = tmp_path_factory.mktemp("stack-home")
     copy_embedded_builds(detox_home, home)
-    with running_stack(home, airflow_port=free_port(), mlflow_port=free_port()) as info:
+    groups: list[int] = []
+    ports = {"DETOX_AIRFLOW_PORT": free_port(), "DETOX_MLFLOW_PORT": free_port()}
+    env = {**os.environ, "DETOX_HOME": str(home), **{name: str(port) for name, port in ports.items()}}
+    log = open(home / "detox-up.log", "wb")  # noqa: SIM115  (closed at teardown)
+    up = subprocess.Popen([sys.executable, "-m", "tasks.cli", "up"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, start_new_session=True)
+    stack_file = home / "stack.json"
+    try:
+        deadline = time.monotonic() + 300
+        while not stack_file.exists():
+            assert up.poll() is None, (home / "detox-up.log").read_text()[-5000:]
+            assert time.monotonic() < deadline, "no stack.json within 300 s"
+            time.sleep(1)
+        info = json.loads(stack_file.read_text())
+        ports["s3"] = int(info["s3_endpoint"].rsplit(":", 1)[1])
+        groups.extend(info["pids"].values())  # each service leads a process group of its own
         yield {**info, "home": str(home)}
+    finally:
+        os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in the terminal of `make up` sends
+        stopped = time.monotonic() + 30
+        while time.monotonic() < stopped and (any(map(group_alive, [up.pid, *groups]))
+                                              or any(map(listening, ports.values()))):
+            up.poll()
+            time.sleep(0.5)
+        left = [pgid for pgid in {up.pid, *groups} if group_alive(pgid)]
+        open_ports = [port for port in ports.values() if listening(port)]
+        for pgid in left:
+            os.killpg(pgid, signal.SIGKILL)
+        up.wait(timeout=30)
+        log.close()
+    assert not left and not open_ports, f"30 s after Ctrl-C: groups alive {left}, listening {open_ports}"
+    assert not stack_file.exists()
 
 
 @pytest.fixture(scope="session")
