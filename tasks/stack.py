@@ -38,15 +38,18 @@ from typing import Any
 
 import requests
 
-from tasks.demo import DAG_ID, demo_environment
+from tasks.demo import DAG_ID, DAGS_FOLDER, demo_environment
 from tasks.local_s3 import DUMMY_CREDENTIAL, REGION, LocalS3Server, free_port
 
 logger = logging.getLogger(__name__)
 
+PLUGINS_FOLDER = DAGS_FOLDER.parent / "plugins"
 USERNAME = "admin"
 GPU_POOL = "gpu"
 STACK_FILE = "stack.json"
-STOP_GRACE_S = 20.0
+# The scheduler's graceful stop waits for its running tasks (hours for a PPO run): after this long
+# they are killed, and their Airflow retry resumes from the last checkpoint on the next start.
+STOP_GRACE_S = 10.0
 
 
 class StackInfo(dict):
@@ -166,6 +169,10 @@ def airflow_environment(home: Path, airflow_port: int, mlflow_url: str, s3_endpo
         "AWS_SECRET_ACCESS_KEY": DUMMY_CREDENTIAL,
         "AWS_DEFAULT_REGION": REGION,
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # The tiny models gain nothing from intra-op threads, and two tasks (or a busy neighbour) on
+        # two cores make torch's spinning OpenMP threads many times slower: measured 90 s per PPO step.
+        "OMP_NUM_THREADS": "1",
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS_FOLDER),
         "AIRFLOW__CORE__FERNET_KEY": _secret(airflow_home / "fernet_key", _fernet_key),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{airflow_port}/execution/",
         # Unpaused at creation: a run triggered from the form starts at once. The weekly schedule has
@@ -372,6 +379,8 @@ def _exit_on_sigterm(signum, frame) -> None:
 def up(home: Path, airflow_port: int, mlflow_port: int) -> None:
     """``make up``: the stack in the foreground until Ctrl-C or SIGTERM, then nothing of it left running."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it so: restore Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with running_stack(home, airflow_port, mlflow_port) as stack:
             print(f"""
@@ -393,6 +402,7 @@ registered model in MLflow. Serve the champion: detox serve. Stop with Ctrl-C.""
 def serve(mlflow_url: str, port: int, model_name: str = "detox-summarizer-demo", alias: str = "champion") -> None:
     """``detox serve``: the registered model in the foreground until Ctrl-C or SIGTERM."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with served_champion(mlflow_url, port, model_name, alias) as url:
             print(f"models:/{model_name}@{alias} served at {url}/invocations, e.g.\n"
