@@ -185,9 +185,10 @@ def airflow_environment(home: Path, airflow_port: int, mlflow_url: str, s3_endpo
         "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{airflow_port}",
         "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__API_AUTH__JWT_SECRET": _secret(airflow_home / "jwt_secret", lambda: secrets.token_urlsafe(32)),
-        # The log servers would listen on 0.0.0.0:8793/8794; the api-server reads the logs from disk.
+        # The scheduler's and triggerer's log servers (all interfaces, requests signed with the JWT secret;
+        # Airflow has no host setting for them) on free ports instead of 8793/8794, so stacks do not clash.
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__LOGGING__TRIGGERER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
     }
     if database_url:

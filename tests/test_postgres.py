@@ -67,14 +67,16 @@ def test_a_triggered_run_on_postgres_promotes(embedded, detox_home, postgres, tm
     home = tmp_path / "home"
     home.mkdir()
     copy_embedded_builds(detox_home, home)
+    # No pool named (gpu_pool=None): a fresh Airflow as a user brings it, the DAG must run on it as it is.
     with running_stack(home, free_port(), free_port(), database_url=f"{postgres}/airflow",
-                       mlflow_backend_uri=f"{postgres}/mlflow") as stack:
+                       mlflow_backend_uri=f"{postgres}/mlflow", gpu_pool=None) as stack:
         api = AirflowAPI(stack)
         run_id = api.trigger(DAG_ID, CONF)
         run = api.wait_for_run(DAG_ID, run_id)
         tasks = api.task_instances(DAG_ID, run_id)
 
     assert run["state"] == "success", tasks
+    assert {ti["pool"] for ti in tasks} == {"default_pool"}
     # Airflow's own record of the run is in Postgres, every task there once.
     assert query(postgres, "airflow", "SELECT run_id, state FROM dag_run WHERE dag_id = %s", DAG_ID) == [
         (run_id, "success")]
