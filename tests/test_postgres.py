@@ -25,8 +25,8 @@ PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=Tru
 pytestmark = [pytest.mark.slow, pytest.mark.postgres,
               pytest.mark.skipif(PG_BIN is None, reason="PostgreSQL server binaries not installed")]
 
-# On a fresh registry, 25 PPO steps judged on 64 held-out prompts promote (see tests/test_stack.py).
-CONF = {"ppo_steps": 25, "eval_samples": 64}
+# On a fresh registry, 25 PPO steps judged on 120 held-out prompts promote (see tests/test_stack.py).
+CONF = {"ppo_steps": 25, "eval_samples": 120}
 
 
 @pytest.fixture(scope="module")

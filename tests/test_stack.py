@@ -23,12 +23,12 @@ pytestmark = pytest.mark.slow
 
 MODEL = "detox-summarizer-demo"
 GPU_TASKS = {"baseline_eval", "ppo_train", "evaluate", "champion_eval"}
-# Form fields (the DAG's Params) set through conf, as the trigger form sets them. 25 PPO steps on 64
-# held-out prompts still promote on the embedded default, in about a third of the demo's time.
-FIRST_CONF = {"ppo_steps": 25, "eval_samples": 64}
+# Form fields (the DAG's Params) set through conf, as the trigger form sets them. 25 PPO steps on 120
+# held-out prompts promote on the embedded default (on 64 the interval of the change still crosses 0).
+FIRST_CONF = {"ppo_steps": 25, "eval_samples": 120}
 # The same evaluation protocol (so the champion's metrics come from its version tags), a token PPO
 # run, and a threshold no model can pass: the gate must refuse.
-SECOND_CONF = {"ppo_steps": 1, "eval_samples": 64, "min_toxicity_reduction": 1.0}
+SECOND_CONF = {"ppo_steps": 1, "eval_samples": 120, "min_toxicity_reduction": 1.0}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -147,7 +147,8 @@ def test_the_ui_pages_show_the_dag_and_the_champion(stack, airflow_api, first_ru
             page.screenshot(path=str(shots / "airflow-dag.png"))
             airflow_dom = page.content()
             page.goto(f"{stack['mlflow_url']}/#/models/{MODEL}", timeout=120_000)
-            page.get_by_text("@ champion").first.wait_for(timeout=120_000)
+            page.get_by_text(MODEL).first.wait_for(timeout=120_000)
+            page.wait_for_function("() => document.body.innerText.includes('champion')", timeout=120_000)
             page.screenshot(path=str(shots / "mlflow-model.png"))
             mlflow_dom = page.content()
         finally:
