@@ -351,7 +351,9 @@ def served_champion(mlflow_url: str, port: int, model_name: str = "detox-summari
                     startup_timeout_s: float = 180.0) -> Iterator[str]:
     """``mlflow models serve`` of ``models:/<model_name>@<alias>`` on 127.0.0.1:``port``; yields its URL."""
     log_path = log_path or Path(os.environ.get("DETOX_HOME", ".detox")) / "logs" / "serve.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url}
+    # `mlflow models serve` runs `uvicorn` by name: this interpreter's scripts first on the PATH.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_url,
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     server = Service("mlflow-models-serve", [
         sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{model_name}@{alias}",
         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
