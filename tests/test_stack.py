@@ -128,7 +128,7 @@ def test_the_served_champion_answers(stack, first_run, second_run_id):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's)")
-def test_the_ui_pages_show_the_dag_and_the_champion(stack, airflow_api, first_run, second_run_id, tmp_path):
+def test_the_ui_pages_show_the_dag_and_the_champion(stack, airflow_api, first_run, second_run_id):
     from playwright.sync_api import sync_playwright
 
     shots = Path(stack["home"]) / "screenshots"
@@ -158,10 +158,9 @@ def test_the_ui_pages_show_the_dag_and_the_champion(stack, airflow_api, first_ru
 
 
 def test_an_impossible_threshold_skips_registration_and_keeps_the_champion(stack, first_run, second_run):
-    champion_before = first_run  # the version the first run registered
     assert second_run["run"]["state"] == "success", second_run["tasks"]
     states = {ti["task_id"]: ti["state"] for ti in second_run["tasks"]}
     assert states["skip_registration"] == "success" and states["register_model"] == "skipped", states
     assert all(ti["try_number"] == 1 for ti in second_run["tasks"] if ti["state"] != "skipped")
     tags = {tag["key"]: tag["value"] for tag in champion(stack).get("tags", [])}
-    assert tags["airflow.run_id"] == champion_before["run"]["dag_run_id"]
+    assert tags["airflow.run_id"] == first_run["run"]["dag_run_id"]  # still the first run's version
