@@ -190,6 +190,10 @@ def airflow_environment(home: Path, airflow_port: int, mlflow_url: str, s3_endpo
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+        # A task's calls to the execution API wait 5 s by default. On two busy cores the api-server
+        # answered a task's start later than that; the retried call was refused (the first had gone
+        # through) and the task failed before it ran (seen once: prepare_dataset on try 2).
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
     }
     if database_url:
         env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = database_url
