@@ -1,4 +1,5 @@
 # make demo: the whole workflow on the embedded default.  make test: the test suite.
+# make up: the embedded default served (Airflow UI, MLflow, S3 on 127.0.0.1) until Ctrl-C.
 # Both create .venv on first use; everything runs offline.
 VENV   := .venv
 PYTHON := $(VENV)/bin/python
@@ -7,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo up test lint clean
 
 venv: $(STAMP)
 
@@ -21,6 +22,11 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/detox demo
+
+# Ports: DETOX_AIRFLOW_PORT (8080), DETOX_MLFLOW_PORT (5000). `exec` so that Ctrl-C and SIGTERM
+# reach the stack's own process, which stops everything it started.
+up: $(STAMP)
+	exec $(VENV)/bin/detox up
 
 test: $(STAMP)
 	$(PYTHON) -m pytest

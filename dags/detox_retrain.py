@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from airflow.providers.standard.operators.hitl import HITLBranchOperator
 from airflow.sdk import Param, dag, get_current_context, task
@@ -44,9 +44,13 @@ empty to use the profile's default; `overrides` takes any other config field by 
 dotted name, e.g. `{"ppo.batch_size": 32}`.
 """
 
-# Training and evaluation take a slot of the GPU pool and, with the Celery or Kubernetes
-# executor, run on the GPU workers' queue (docker/docker-compose.yml creates both).
-GPU = {"pool": os.environ.get("DETOX_GPU_POOL", "gpu"), "queue": os.environ.get("DETOX_GPU_QUEUE", "gpu")}
+# Training and evaluation take a slot of the pool named by DETOX_GPU_POOL and, with the Celery or
+# Kubernetes executor, run on the queue named by DETOX_GPU_QUEUE. Both are opt-in: a deployment that
+# names them creates them (`make up` and docker/'s airflow-init do: `airflow pools set gpu 1 ...`), and
+# unset they leave the tasks in the default pool and queue, so the DAG runs on any fresh Airflow
+# instead of waiting for ever on a pool that does not exist.
+GPU = {key: value for key, value in (("pool", os.environ.get("DETOX_GPU_POOL")),
+                                     ("queue", os.environ.get("DETOX_GPU_QUEUE"))) if value}
 
 FORM_PARAMS = {
     name: Param(None, **schema) for name, schema in form_field_schemas().items()
@@ -56,7 +60,6 @@ FORM_PARAMS = {
 @dag(
     dag_id="detox_retrain",
     schedule="@weekly",
-    start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     doc_md=DOC_MD,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
@@ -32,9 +32,9 @@ Use it as the reward of `detox_retrain`: set its form field `reward_model` to
 `models:/<registered name>@champion`.
 """
 
-# Training and evaluation take a slot of the GPU pool and, with the Celery or Kubernetes
-# executor, run on the GPU workers' queue (docker/docker-compose.yml creates both).
-GPU = {"pool": os.environ.get("DETOX_GPU_POOL", "gpu"), "queue": os.environ.get("DETOX_GPU_QUEUE", "gpu")}
+# Training and evaluation take the pool and queue a deployment names (opt-in; see detox_retrain.py).
+GPU = {key: value for key, value in (("pool", os.environ.get("DETOX_GPU_POOL")),
+                                     ("queue", os.environ.get("DETOX_GPU_QUEUE"))) if value}
 
 FORM_PARAMS = {
     name: Param(None, **schema) for name, schema in form_field_schemas(RewardRunConfig, REWARD_FORM_FIELDS).items()
@@ -46,7 +46,6 @@ FORM_PARAMS = {
     # Manual by default; set DETOX_REWARD_SCHEDULE (a cron expression or preset such as @monthly)
     # to retrain on a schedule as new rankings arrive.
     schedule=os.environ.get("DETOX_REWARD_SCHEDULE") or None,
-    start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     doc_md=DOC_MD,

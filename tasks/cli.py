@@ -7,6 +7,8 @@
     detox evaluate --model models:/detox-summarizer@champion   # audit a registered version
     detox reward-demo                   # reward_model_train on the embedded preferences, through Airflow
     detox reward-train --run-id rm1 --set data.source=s3://bucket/rankings.jsonl   # in this process
+    detox up                            # Airflow, MLflow and S3 served on 127.0.0.1 until Ctrl-C (make up)
+    detox serve --port 5001             # the registered champion behind POST /invocations
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -86,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
 
+    up = commands.add_parser("up", help="serve the embedded default: Airflow, MLflow, S3 on 127.0.0.1 until Ctrl-C")
+    up.add_argument("--airflow-port", type=int, default=int(os.environ.get("DETOX_AIRFLOW_PORT", "8080")))
+    up.add_argument("--mlflow-port", type=int, default=int(os.environ.get("DETOX_MLFLOW_PORT", "5000")))
+
+    serve = commands.add_parser("serve", help="serve the registered champion (mlflow models serve) until Ctrl-C")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("DETOX_SERVE_PORT", "5001")))
+    serve.add_argument("--model", default="detox-summarizer-demo", help="registered model name")
+    serve.add_argument("--alias", default="champion")
+    serve.add_argument("--tracking-uri", help="MLflow server (default: the running stack's, from stack.json)")
+
     run = commands.add_parser("run", help="every step in order, in this process")
     run.add_argument("--run-id", required=True, help="names the run folder and the MLflow run")
     with_config(run)
@@ -142,6 +155,18 @@ def _dispatch(args: argparse.Namespace) -> dict | None:
         config = load_config(args, RewardRunConfig)
         ctx = StepContext(run_key=args.run_id, dag_id="cli")
         return reward_pipeline.run_all(config, ctx)
+    if args.command == "up":
+        from tasks.config import detox_home
+        from tasks.stack import up
+
+        up(detox_home(), args.airflow_port, args.mlflow_port)
+        return None
+    if args.command == "serve":
+        from tasks.config import detox_home
+        from tasks.stack import read_stack, serve
+
+        serve(args.tracking_uri or read_stack(detox_home())["mlflow_url"], args.port, args.model, args.alias)
+        return None
     if args.command == "build-embedded":
         from tasks.embedded import build_embedded_default
 

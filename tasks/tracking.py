@@ -8,13 +8,20 @@ instead of opening a second one. Steps log under their own prefix
 A tracking server that cannot be reached surfaces as :class:`TrackingUnavailableError`,
 naming the server, after the MLflow client's own retries (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
 ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``) have run out.
+
+On a SQLite backend (the embedded default without a tracking server) the first client of a
+process creates or upgrades the schema under an inter-process file lock, so tasks that start
+together never race to create the same tables (MLflow's own migration is not safe to run
+twice at once: the loser fails with "table ... already exists" or "duplicate column").
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -73,7 +80,45 @@ def redact(text: str) -> str:
 
 
 def client() -> MlflowClient:
+    _schema_ready(mlflow.get_tracking_uri())
     return MlflowClient()
+
+
+_ready_stores: set[str] = set()
+_ready_lock = threading.Lock()
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI; None for any other store."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _schema_ready(tracking_uri: str) -> None:
+    """Create or upgrade a SQLite store's schema once per process, one process at a time.
+
+    MLflow builds its tracking and registry stores (and runs their migrations) on first use and
+    caches them per URI; doing that first use here, under a lock file next to the database,
+    serialises the migrations of processes that start together. Later calls return at once.
+    """
+    database = sqlite_path(tracking_uri)
+    if database is None or tracking_uri in _ready_stores:
+        return
+    with _ready_lock:
+        if tracking_uri in _ready_stores:
+            return
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with open(database.with_name(database.name + ".lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                first = MlflowClient(tracking_uri)
+                first.search_experiments(max_results=1)  # the tracking store: tables created or upgraded
+                first.search_registered_models(max_results=1)  # the registry store, same database
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        _ready_stores.add(tracking_uri)
 
 
 @_outages_named

@@ -1,6 +1,7 @@
 import os
 
 import pytest
+from stack_fixtures import airflow_api, stack  # noqa: F401  (the served stack, one per session)
 
 from tasks.embedded import build_embedded_default
 

@@ -107,12 +107,30 @@ def test_reward_schedule_from_the_environment(tmp_path, monkeypatch):
     assert "0 0 1 * *" in repr(scheduled.timetable)
 
 
-def test_training_and_evaluation_take_the_gpu_pool_and_queue(dag, reward_dag):
-    gpu_tasks = {"baseline_eval", "ppo_train", "evaluate", "champion_eval"}
-    for task in dag.tasks:
-        expected = ("gpu", "gpu") if task.task_id in gpu_tasks else ("default_pool", "default")
-        assert (task.pool, task.queue) == expected, task.task_id
-    assert {t.task_id for t in reward_dag.tasks if t.pool == "gpu" and t.queue == "gpu"} == {"train", "evaluate"}
+def test_without_a_named_pool_every_task_runs_in_the_default_pool_and_queue(dag, reward_dag):
+    """A fresh Airflow has no `gpu` pool: a task assigned to it would wait in `scheduled` for ever."""
+    assert "DETOX_GPU_POOL" not in os.environ and "DETOX_GPU_QUEUE" not in os.environ
+    for task in [*dag.tasks, *reward_dag.tasks]:
+        assert (task.pool, task.queue) == ("default_pool", "default"), task.task_id
+
+
+def test_no_start_date_so_the_weekly_schedule_never_fires_on_unpause(dag):
+    """With a start date and catchup=False, Airflow fires the latest past Sunday's run as soon as the
+    DAG is unpaused; without one, the first scheduled run is the next Sunday."""
+    from datetime import UTC, datetime
+
+    from airflow.timetables.base import TimeRestriction
+    from airflow.timetables.trigger import CronTriggerTimetable
+
+    def first_run(start_date):
+        timetable = CronTriggerTimetable(dag.timetable.expression, timezone="UTC")
+        restriction = TimeRestriction(earliest=start_date, latest=None, catchup=dag.catchup)
+        return timetable.next_dagrun_info_v2(last_dagrun_info=None, restriction=restriction).run_after
+
+    now = datetime.now(UTC)
+    assert first_run(datetime(2026, 1, 1, tzinfo=UTC)) <= now  # what a start date would do
+    assert dag.start_date is None
+    assert first_run(dag.start_date) > now
 
 
 def test_gpu_pool_and_queue_from_the_environment(tmp_path, monkeypatch):
@@ -120,6 +138,12 @@ def test_gpu_pool_and_queue_from_the_environment(tmp_path, monkeypatch):
 
     monkeypatch.setenv("DETOX_GPU_POOL", "a100")
     monkeypatch.setenv("DETOX_GPU_QUEUE", "cuda-workers")
-    (tmp_path / "detox_retrain.py").write_text((DAGS / "detox_retrain.py").read_text())
-    task = DagBag(dag_folder=str(tmp_path)).dags["detox_retrain"].get_task("ppo_train")
-    assert (task.pool, task.queue) == ("a100", "cuda-workers")
+    for name in ("detox_retrain.py", "reward_model_train.py"):
+        (tmp_path / name).write_text((DAGS / name).read_text())
+    bag = DagBag(dag_folder=str(tmp_path)).dags
+    gpu_tasks = {"detox_retrain": {"baseline_eval", "ppo_train", "evaluate", "champion_eval"},
+                 "reward_model_train": {"train", "evaluate"}}
+    for dag_id, names in gpu_tasks.items():
+        for task in bag[dag_id].tasks:
+            expected = ("a100", "cuda-workers") if task.task_id in names else ("default_pool", "default")
+            assert (task.pool, task.queue) == expected, (dag_id, task.task_id)

@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,9 +74,14 @@ def test_celery_is_a_profile_with_redis_and_a_gpu_worker(compose):
 
 def test_ports_and_volumes(compose):
     services = compose["services"]
-    assert services["airflow-apiserver"]["ports"] == ["8080:8080"]
-    assert services["mlflow"]["ports"] == ["5000:5000"]
-    assert services["minio"]["ports"] == ["9000:9000", "9001:9001"]
+    published = {name: [substitute(port, example_env()) for port in service.get("ports", [])]
+                 for name, service in services.items()}
+    assert published["airflow-apiserver"] == ["8080:8080"]  # behind its login
+    # No login of their own: loopback unless the operator opts in.
+    assert published["mlflow"] == ["127.0.0.1:5000:5000"]
+    assert published["minio"] == ["127.0.0.1:9000:9000", "127.0.0.1:9001:9001"]
+    assert [substitute(p, {"MLFLOW_BIND": "0.0.0.0"}) for p in services["mlflow"]["ports"]] == ["0.0.0.0:5000:5000"]
+    assert {name for name, ports in published.items() if ports} == {"airflow-apiserver", "mlflow", "minio"}
     used = {volume.split(":")[0] for service in services.values() for volume in service.get("volumes", [])}
     named = {volume for volume in used if not volume.startswith(".")}
     assert named == set(compose["volumes"])
@@ -89,8 +95,8 @@ def test_every_variable_the_code_reads_is_set(compose):
     read = set()
     for path in [*ROOT.glob("tasks/*.py"), *ROOT.glob("dags/*.py")]:
         read |= set(re.findall(r"os\.environ(?:\.get\(|\[)\"([A-Z0-9_]+)\"", path.read_text()))
-    # Set by Airflow itself in every task, or only by the demo: not a deployment's business.
-    assert read - set(env) == {"AIRFLOW_HOME"}
+    # Set by Airflow itself in every task, or read only by the local stack (`make up`, `detox serve`).
+    assert read - set(env) == {"AIRFLOW_HOME", "DETOX_AIRFLOW_PORT", "DETOX_MLFLOW_PORT", "DETOX_SERVE_PORT"}
     assert env["DETOX_PROFILE"].endswith("production}")
     for name in AIRFLOW_SERVICES:
         assert compose["services"][name]["environment"]["DETOX_GPU_POOL"] == env["DETOX_GPU_POOL"]
@@ -126,6 +132,53 @@ def test_the_image_builds_cpu_and_cuda_variants():
     assert {"base-cpu", "base-cuda"} <= set(re.findall(r"AS (base-\w+)", dockerfile))
     assert '"torch==2.13.0"' in dockerfile and "[airflow,production" in dockerfile
     assert "COPY dags /opt/airflow/dags" in dockerfile
+    assert "COPY plugins /opt/airflow/plugins" in dockerfile
+    assert "AIRFLOW__CORE__PLUGINS_FOLDER=/opt/airflow/plugins" in dockerfile
+
+
+def test_images_pull_from_live_registries_at_pinned_releases(compose):
+    for name, service in compose["services"].items():
+        image = service["image"]
+        if image.startswith("${"):  # the project's own image, built from docker/Dockerfile
+            assert "build" in service or name == "mlflow", name
+            continue
+        repository, _, tag = image.rpartition(":")
+        assert repository and tag and tag != "latest", (name, image)
+        # Docker Hub's minio/minio and minio/mc were removed in 2026.
+        if "minio" in repository:
+            assert repository.startswith("quay.io/minio/") and re.fullmatch(r"RELEASE\.\d{4}-[\dT-]+Z", tag), image
+
+
+def test_every_service_has_an_init_and_health_checks_a_start_period(compose):
+    for name, service in compose["services"].items():
+        assert service.get("init") is True, name  # reaps task processes, forwards SIGTERM
+        if "healthcheck" in service:
+            assert re.fullmatch(r"\d+s", service["healthcheck"]["start_period"]), name
+
+
+def test_the_airflow_user_can_write_every_volume(compose):
+    """Named volumes start as a copy of the image folder they are mounted on, owner included."""
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    user = re.search(r"^USER (\w+)", dockerfile, re.MULTILINE).group(1)
+    created = set(re.findall(r"mkdir -p ([^\\&\n]+)", dockerfile)[-1].split())
+    owned = set(re.search(rf"chown -R {user}:0 ([^\\&\n]+)", dockerfile).group(1).split())
+    for name in AIRFLOW_SERVICES:
+        for volume in compose["services"][name]["volumes"]:
+            target = volume.split(":")[1]
+            assert any(target == folder or target.startswith(folder + "/") for folder in created | owned), target
+            assert any(target == folder or target.startswith(folder + "/") for folder in owned), target
+    assert compose["x-airflow-env"]["HF_HOME"] in created  # the Hub cache lives in the detox-data volume
+
+
+def test_fab_auth_manager_and_its_admin(compose):
+    env = compose["x-airflow-env"]
+    assert env["AIRFLOW__CORE__AUTH_MANAGER"].endswith("fab_auth_manager.FabAuthManager")
+    production = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["production"]
+    assert any(dependency.startswith("apache-airflow-providers-fab") for dependency in production)
+    init = " ".join(compose["services"]["airflow-init"]["command"])
+    assert "airflow users create --role Admin" in init and "airflow users reset-password" in init
+    assert 'airflow pools set "$${DETOX_GPU_POOL}"' in init
+    assert compose["services"]["airflow-init"]["environment"]["ADMIN_PASSWORD"].startswith("${AIRFLOW_ADMIN_PASSWORD:?")
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose client not installed")

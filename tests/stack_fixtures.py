@@ -1,0 +1,85 @@
+"""The served stack (``make up``) as a pytest fixture: one per test session, shared by every test
+that needs a real scheduler, the Airflow UI and REST API, or the MLflow server.
+
+``stack`` yields what ``stack.json`` holds (``airflow_url``, ``mlflow_url``, ``s3_endpoint``,
+``username``, ``password``, ``home``, ...) while the stack runs on free ports, in a home of its own
+that holds a copy of the session's embedded default. ``airflow_api`` wraps its REST API.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tasks.local_s3 import free_port
+
+
+def copy_embedded_builds(source: Path, home: Path) -> None:
+    """The embedded builds of ``source`` into ``home``, adapters pointed at the copied base models."""
+    for build in source.glob("embedded*"):
+        if build.is_dir() and not (home / build.name).exists():
+            shutil.copytree(build, home / build.name)
+    for adapter_config in home.glob("embedded*/**/adapter_config.json"):
+        config = json.loads(adapter_config.read_text())
+        parts = Path(config["base_model_name_or_path"]).parts
+        start = next(i for i, part in enumerate(parts) if part.startswith("embedded"))
+        config["base_model_name_or_path"] = str(home.joinpath(*parts[start:]))
+        adapter_config.write_text(json.dumps(config, indent=2))
+
+
+class AirflowAPI:
+    """Airflow's REST API v2 with a token from ``POST /auth/token`` (the stack.json login)."""
+
+    def __init__(self, stack: dict):
+        from tasks.stack import airflow_token
+
+        self.url = stack["airflow_url"]
+        self.token = airflow_token(self.url, stack["username"], stack["password"])
+        self.session = requests.Session()
+        self.session.headers["Authorization"] = f"Bearer {self.token}"
+
+    def get(self, path: str, **params) -> dict:
+        response = self.session.get(f"{self.url}/api/v2{path}", params=params, timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    def trigger(self, dag_id: str, conf: dict) -> str:
+        response = self.session.post(f"{self.url}/api/v2/dags/{dag_id}/dagRuns",
+                                     json={"logical_date": None, "conf": conf}, timeout=60)
+        assert response.status_code == 200, response.text
+        return response.json()["dag_run_id"]
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout_s: float = 900) -> dict:
+        """The run once it ends; its task instances' states on failure or time-out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            run = self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
+            if run["state"] in ("success", "failed"):
+                return run
+            time.sleep(5)
+        states = {ti["task_id"]: ti["state"] for ti in self.task_instances(dag_id, run_id)}
+        raise AssertionError(f"{run_id} did not end within {timeout_s:.0f} s: {states}")
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100)["task_instances"]
+
+
+@pytest.fixture(scope="session")
+def stack(embedded, detox_home, tmp_path_factory):
+    """The whole stack, started the way ``make up`` starts it, on free ports; stopped at session end."""
+    from tasks.stack import running_stack
+
+    home = tmp_path_factory.mktemp("stack-home")
+    copy_embedded_builds(detox_home, home)
+    with running_stack(home, airflow_port=free_port(), mlflow_port=free_port()) as info:
+        yield {**info, "home": str(home)}
+
+
+@pytest.fixture(scope="session")
+def airflow_api(stack) -> AirflowAPI:
+    return AirflowAPI(stack)
