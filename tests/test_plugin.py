@@ -161,14 +161,16 @@ def test_ranking_lands_as_one_record_in_the_reward_format(world):
     item, candidates = item_of(page.text)
     assert sorted(candidates) == ["ppo", "sft"]
     before = label_objects(s3)
+    # Named against the alphabetical order, so texts and ranks must follow the order as given.
     response = client.post("/detox/label", headers=auth(tokens, "viewer"),
-                           json={"source": RUN, "item_id": item, "candidates": candidates, "ranking": [2, 1]})
+                           json={"source": RUN, "item_id": item, "candidates": ["sft", "ppo"], "ranking": [2, 1]})
     assert response.status_code == 201, response.text
     after = label_objects(s3)
     assert len(after) == len(before) + 1
     record = next(r for r in after if r not in before)
     assert record["annotator"] == "viewer" and record["source_run"] == RUN and record["labeled_at"]
-    assert record["ranking"] == [2, 1] and len(record["responses"]) == 2
+    assert record["candidates"] == ["sft", "ppo"] and record["ranking"] == [2, 1]
+    assert record["responses"][0].endswith("(before)") and record["responses"][1].endswith("(after)")
     assert record["prompt"].startswith("\nSummarize the following conversation.")
     pairs = build_pairs([(1, record)])
     assert not pairs.problems and len(pairs.pairs) == 1
