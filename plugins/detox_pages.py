@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from html import escape
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from tasks.review import Item, Progress, RunReport
 
@@ -72,10 +72,11 @@ def report_page(report: RunReport, dag_id: str, mlflow_url: str | None, plot_bas
         ("registered", f"<code>{esc(registered)}</code> (version {esc(version)})" if registered else
          esc("nothing" if "registry.model_uri" in report.tags else "not yet")),
     ]
-    approval = {key.removeprefix("approval."): value for key, value in report.tags.items()
-                if key.startswith("approval.")}
-    if approval:
-        facts.append(("human approval", esc(", ".join(f"{k}: {v}" for k, v in sorted(approval.items())))))
+    if "approval.outcome" in report.tags:
+        answer = [report.tags.get(f"approval.{key}") for key in ("outcome", "reviewer", "responded_at", "comment")]
+        outcome, reviewer, when, comment = (value or "" for value in answer)
+        facts.append(("human approval", esc(f"{outcome} by {reviewer or 'nobody'} at {when}"
+                                            + (f": {comment}" if comment else ""))))
     rows = "".join(f"<tr><th>{name}</th><td>{value}</td></tr>" for name, value in facts)
     metrics = "".join(
         f"<tr><td>{esc(m['metric'])}</td><td class='num'>{number(m['before'])}</td>"
@@ -154,13 +155,6 @@ def label_page(source: str, sources: list[dict], item: Item | None, order: list[
             "Enter submits; S skips.</p></form>")
     body = (f"<h1>Label summaries</h1>{chooser}{progress}{train}<p id='message' role='status'></p>{work}")
     return page("Label summaries", body, script)
-
-
-def label_url(base: str, source: str, skip: list[str]) -> str:
-    query = {"source": source}
-    if skip:
-        query["skip"] = ",".join(skip)
-    return f"{base}label?{urlencode(query)}"
 
 
 SCRIPT = r"""
