@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
+from airflow.providers.standard.operators.hitl import HITLBranchOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
 from tasks.config import RunConfig, form_field_schemas
@@ -29,10 +30,13 @@ the result only when it measurably is.
 7. **promotion_check** — promote only if toxicity falls by the configured margin with
    the paired bootstrap interval of the change below zero, ROUGE-L stays within
    tolerance, the judge does not get worse, and the candidate beats the champion.
-8. **register_model** — merged model logged as an MLflow pyfunc, registered, alias
+8. **approval** (only with `require_approval`) — a person approves or rejects the promoted
+   candidate here (Airflow's required actions); no answer before
+   `promotion.approval_timeout_hours`: rejected. Reviewer and comment go to MLflow.
+9. **register_model** — merged model logged as an MLflow pyfunc, registered, alias
    `champion` moved (the replaced one keeps `previous`) — or **skip_registration**,
    which logs why not.
-9. **report** — HTML before/after table, PNG plots and a JSON summary as MLflow
+10. **report** — HTML before/after table, PNG plots and a JSON summary as MLflow
    artifacts under `report/`; the summary is printed in this task's log.
 
 Every step logs into one MLflow run named after this DAG run. Leave a form field
@@ -108,15 +112,19 @@ def detox_retrain():
 
     @task.branch
     def promotion_check(baseline: dict, candidate: dict, champion: dict) -> str:
+        from tasks.pipeline import after_gate
+
         decision = _step("promotion_check", baseline, candidate, champion)
         get_current_context()["ti"].xcom_push(key="decision", value=decision)
-        return "register_model" if decision["promote"] else "skip_registration"
+        config, _ = _run()
+        return after_gate(config, decision)
 
-    @task
+    # Both run after the gate or after the approval, whichever chose them; the other is skipped.
+    @task(trigger_rule="none_failed_min_one_success")
     def register_model(decision: dict, adapter: dict, ppo: dict) -> dict:
         return _step("register_model", decision, adapter["adapter_dir"], ppo["ppo_adapter_dir"])
 
-    @task
+    @task(trigger_rule="none_failed_min_one_success")
     def skip_registration(decision: dict) -> dict:
         return _step("skip_registration", decision)
 
@@ -131,7 +139,51 @@ def detox_retrain():
     baseline >> ppo  # the baseline is measured before training, on the untouched SFT policy
     candidate = evaluate(data, adapter, ppo)
     gate = promotion_check(baseline, candidate, champion_eval(data))
-    gate >> [register_model(gate["decision"], adapter, ppo), skip_registration(gate["decision"])] >> report()
+    register = register_model(gate["decision"], adapter, ppo)
+    skip = skip_registration(gate["decision"])
+    approval = PromotionApproval(
+        task_id="approval",
+        subject="Register this detox_retrain candidate?",
+        options=["Approve", "Reject"],
+        options_mapping={"Approve": "register_model", "Reject": "skip_registration"},
+        defaults=["Reject"],  # what the timeout chooses: no promotion
+        params={"comment": Param("", type="string", description="Why; logged to MLflow with your name.")},
+    )
+    gate >> approval >> [register, skip]
+    gate >> [register, skip] >> report()
+
+
+class PromotionApproval(HITLBranchOperator):
+    """Approve or Reject a promoted candidate, in Airflow's required actions.
+
+    Approve: ``register_model``; Reject or no answer within ``promotion.approval_timeout_hours``:
+    ``skip_registration``. The request shows the gate's summary and a link to the run report; the
+    answer (reviewer, comment) is logged to the MLflow run.
+    """
+
+    def execute(self, context):
+        from tasks.review import approval_summary
+
+        config, _ = _run()
+        decision = context["ti"].xcom_pull(task_ids="promotion_check", key="decision")
+        self.response_timeout = timedelta(hours=config.promotion.approval_timeout_hours)
+        self.body = approval_summary(decision, _report_url(context["dag"].dag_id, context["run_id"]))
+        return super().execute(context)
+
+    def execute_complete(self, context, event: dict):
+        if "error" not in event:
+            _step("record_approval", event)
+        return super().execute_complete(context, event)
+
+
+def _report_url(dag_id: str, run_id: str) -> str:
+    """The run report's tab on the DAG run page (the plugin's external view)."""
+    from urllib.parse import quote
+
+    from airflow.sdk import conf
+
+    base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
+    return f"{base}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}/plugin/detox-run-report"
 
 
 def _step(name: str, *args):
@@ -158,7 +210,17 @@ def _run():
     context = get_current_context()
     ti = context["ti"]
     ctx = StepContext(run_key=context["run_id"], dag_id=ti.dag_id, try_number=ti.try_number)
-    return config_from_params(dict(context["params"])), ctx
+    return config_from_params(_params(context)), ctx
+
+
+def _params(context) -> dict:
+    """This run's DAG Params. Tasks see them in ``context["params"]``, except the approval, whose
+    params are its own form (the reviewer's comment): there they come from the DAG and the run's conf."""
+    dag_params = context["dag"].params
+    params = {name: dag_params[name] for name in dag_params}
+    params.update({k: v for k, v in (context["dag_run"].conf or {}).items() if k in params})
+    params.update({k: v for k, v in context["params"].items() if k in params})
+    return params
 
 
 def _connection(conn_id: str):

@@ -245,6 +245,14 @@ class PromotionSettings(_Section):
     compare_with_champion: bool = Field(
         True, description="Also require the candidate to beat the registered champion on the same protocol."
     )
+    require_approval: bool = Field(
+        False,
+        description="Before registering a promoted candidate, wait for a person to approve or reject it in "
+        "Airflow (the `approval` task). Off: a promoted candidate is registered at once.",
+    )
+    approval_timeout_hours: float = Field(
+        72.0, gt=0, description="Hours the approval waits for an answer; none by then: not registered."
+    )
 
 
 class _Run(_Section):
@@ -505,6 +513,7 @@ FORM_FIELDS: dict[str, str] = {
     "eval_samples": "eval.num_samples",
     "min_toxicity_reduction": "promotion.min_toxicity_reduction",
     "max_rouge_l_drop": "promotion.max_rouge_l_drop",
+    "require_approval": "promotion.require_approval",
 }
 
 REWARD_FORM_FIELDS: dict[str, str] = {

@@ -80,6 +80,10 @@ class RunLayout:
         return self.root / "promotion" / "decision.json"
 
     @property
+    def approval(self) -> Path:
+        return self.root / "promotion" / "approval.json"
+
+    @property
     def registration(self) -> Path:
         return self.root / "registry" / "registered.json"
 
@@ -361,6 +365,43 @@ def promotion_check(config: RunConfig, ctx: StepContext, baseline: dict | None =
     return result
 
 
+def after_gate(config: RunConfig, decision: dict) -> str:
+    """The step that follows the gate: ``skip_registration`` for a rejected candidate; for a promoted
+    one ``approval`` when a person must approve it first (``promotion.require_approval``), else
+    ``register_model``."""
+    if not decision["promote"]:
+        return "skip_registration"
+    return "approval" if config.promotion.require_approval else "register_model"
+
+
+def record_approval(config: RunConfig, ctx: StepContext, response: dict) -> dict:
+    """A person's answer to the approval (or its absence at the timeout), logged to the run's MLflow
+    run as ``approval.*`` tags and ``promotion/approval.json``.
+
+    ``response`` is what Airflow's human-in-the-loop task received: ``chosen_options``,
+    ``params_input`` (the reviewer's ``comment``), ``responded_by_user`` (None when the timeout
+    chose the default) and ``responded_at``.
+    """
+    chosen = (response.get("chosen_options") or ["Reject"])[0]
+    reviewer = response.get("responded_by_user") or {}
+    timed_out = bool(response.get("timedout")) or not reviewer
+    record = {
+        "outcome": "timed out" if timed_out else "approved" if chosen == "Approve" else "rejected",
+        "reviewer": reviewer.get("name") or reviewer.get("id") or "",
+        "comment": str((response.get("params_input") or {}).get("comment") or ""),
+        "responded_at": str(response.get("responded_at") or ""),
+    }
+    paths = layout(config, ctx)
+    paths.approval.parent.mkdir(parents=True, exist_ok=True)
+    paths.approval.write_text(json.dumps(record, indent=2))
+    run_id = tracking.open_run(config, ctx.run_key, ctx.tags("approval"))
+    tracking.set_tags(run_id, {f"approval.{key}": value for key, value in record.items()})
+    tracking.log_artifact(run_id, paths.approval, "promotion")
+    logger.info("approval: %s by %s%s", record["outcome"], record["reviewer"] or "nobody",
+                f": {record['comment']}" if record["comment"] else "")
+    return record
+
+
 def register_model(config: RunConfig, ctx: StepContext, decision: dict | None = None,
                    adapter_dir: str | None = None, ppo_adapter_dir: str | None = None) -> dict:
     from tasks.registry import ANY_CHAMPION, merge_policy, register
@@ -403,13 +444,20 @@ def register_model(config: RunConfig, ctx: StepContext, decision: dict | None = 
 
 
 def skip_registration(config: RunConfig, ctx: StepContext, decision: dict | None = None) -> dict:
-    decision = decision or _read_json(layout(config, ctx).decision, "promotion_check")
+    paths = layout(config, ctx)
+    decision = decision or _read_json(paths.decision, "promotion_check")
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("skip_registration"))
-    for reason in decision["reasons"]:
+    reasons = list(decision["reasons"])
+    if decision["promote"] and paths.approval.is_file():  # the gate passed; a person (or the timeout) said no
+        approval = json.loads(paths.approval.read_text())
+        by = f" by {approval['reviewer']}" if approval["reviewer"] else ""
+        comment = f": {approval['comment']}" if approval["comment"] else ""
+        reasons.append(f"FAIL approval {approval['outcome']}{by}{comment}")
+    for reason in reasons:
         if reason.startswith("FAIL"):
             logger.warning("not registered: %s", reason)
     tracking.set_tags(run_id, {"registry.model_uri": "none"})
-    return {"model_uri": None, "reasons": decision["reasons"]}
+    return {"model_uri": None, "reasons": reasons}
 
 
 def report(config: RunConfig, ctx: StepContext) -> dict:

@@ -37,7 +37,8 @@ def test_task_graph(dag):
     assert "ppo_train" in edges["baseline_eval"]
     assert "evaluate" in edges["ppo_train"]
     assert edges["evaluate"] == edges["champion_eval"] == ["promotion_check"]
-    assert edges["promotion_check"] == ["register_model", "skip_registration"]
+    assert edges["promotion_check"] == ["approval", "register_model", "skip_registration"]
+    assert edges["approval"] == ["register_model", "skip_registration"]  # only with promotion.require_approval
     assert edges["register_model"] == edges["skip_registration"] == ["report"]
     # The report runs after whichever branch ran, and only if nothing failed.
     assert dag.get_task("report").trigger_rule == "none_failed_min_one_success"
