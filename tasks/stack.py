@@ -178,8 +178,6 @@ def airflow_environment(home: Path, airflow_port: int, mlflow_url: str, s3_endpo
         # Unpaused at creation: a run triggered from the form starts at once. The weekly schedule has
         # no start date, so its first run is the next Sunday, never one fired when the stack starts.
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        # The review plugin (run report, labeling page): plugins/ of this checkout.
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(DAGS_FOLDER.parent / "plugins"),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USERNAME}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
         "AIRFLOW__API__HOST": "127.0.0.1",

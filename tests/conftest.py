@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from support import FINDERS, REQUIRE_VARIABLE, build_tiny_world, required_dependencies
 from stack_fixtures import airflow_api, stack  # noqa: F401  (the served stack, one per session)
+from support import FINDERS, REQUIRE_VARIABLE, build_tiny_world, required_dependencies
 
 from tasks.embedded import build_embedded_default
 

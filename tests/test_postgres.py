@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from support import postgres_bin
 from stack_fixtures import AirflowAPI, copy_embedded_builds
+from support import postgres_bin
 
 from tasks.demo import DAG_ID
 from tasks.local_s3 import free_port
