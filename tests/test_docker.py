@@ -93,10 +93,11 @@ def test_ports_and_volumes(compose):
 def test_every_variable_the_code_reads_is_set(compose):
     env = compose["x-airflow-env"]
     read = set()
-    for path in [*ROOT.glob("tasks/*.py"), *ROOT.glob("dags/*.py")]:
+    for path in [*ROOT.glob("tasks/*.py"), *ROOT.glob("dags/*.py"), *ROOT.glob("plugins/*.py")]:
         read |= set(re.findall(r"os\.environ(?:\.get\(|\[)\"([A-Z0-9_]+)\"", path.read_text()))
-    # Set by Airflow itself in every task, or read only by the local stack (`make up`, `detox serve`).
-    assert read - set(env) == {"AIRFLOW_HOME", "DETOX_AIRFLOW_PORT", "DETOX_MLFLOW_PORT", "DETOX_SERVE_PORT"}
+    # Set by Airflow itself in every task or by the system, or read only by the local stack (`make up`,
+    # `detox serve`).
+    assert read - set(env) == {"AIRFLOW_HOME", "PATH", "DETOX_AIRFLOW_PORT", "DETOX_MLFLOW_PORT", "DETOX_SERVE_PORT"}
     assert env["DETOX_PROFILE"].endswith("production}")
     for name in AIRFLOW_SERVICES:
         assert compose["services"][name]["environment"]["DETOX_GPU_POOL"] == env["DETOX_GPU_POOL"]
