@@ -70,6 +70,7 @@ def _airflow_app():
     from airflow.configuration import conf
 
     settings.SQL_ALCHEMY_CONN = conf.get("database", "sql_alchemy_conn")
+    settings.PLUGINS_FOLDER = conf.get("core", "plugins_folder")  # read once, when Airflow was first imported
     settings.configure_orm()
     for name in dir(plugins_manager):  # the plugin lists are cached per process
         cached = getattr(plugins_manager, name)
