@@ -33,7 +33,10 @@ REWARD_DAG = "reward_model_train"
 # prompts a 60% interval of the change lies below zero (a 95% one reaches just above it). No
 # champion comparison, so the outcome does not depend on which runs of the session came before.
 APPROVAL_CONF = {"ppo_steps": 25, "eval_samples": 64, "require_approval": True,
-                 "overrides": {"promotion.compare_with_champion": False, "eval.confidence": 0.6}}
+                 # Registered under a name of their own: the stack is shared, and tests/test_stack.py
+                 # expects the first champion of detox-summarizer-demo to be its own run's.
+                 "overrides": {"promotion.compare_with_champion": False, "eval.confidence": 0.6,
+                               "registered_model_name": "detox-summarizer-approval-demo"}}
 LABELS = ("detox-demo", "labels/")
 
 

@@ -86,7 +86,9 @@ def test_a_triggered_run_on_postgres_promotes(embedded, detox_home, postgres, tm
                        "AND state != 'skipped'", run_id))
     assert set(tries.values()) == {1} and "register_model" in tries, tries
     # MLflow's run, decision and champion are in Postgres too.
-    (mlflow_run,), = query(postgres, "mlflow", "SELECT run_uuid FROM tags WHERE key = %s AND value = %s",
+    # Active runs only: steps that start together may both create the run, and the losers are deleted.
+    (mlflow_run,), = query(postgres, "mlflow", "SELECT t.run_uuid FROM tags t JOIN runs r ON r.run_uuid = t.run_uuid "
+                           "WHERE t.key = %s AND t.value = %s AND r.lifecycle_stage = 'active'",
                            "detox.run_key", run_id)
     assert query(postgres, "mlflow", "SELECT value FROM tags WHERE run_uuid = %s AND key = %s",
                  mlflow_run, "promotion.decision") == [("promote",)]
