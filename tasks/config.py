@@ -239,14 +239,15 @@ class PPOSettings(_Section):
 
 def check_batch_split(ppo: PPOSettings, processes: int) -> None:
     """The batch splits into whole mini-batches, and each mini-batch into ``processes`` equal shares of
-    ``gradient_accumulation_steps`` equal micro-batches; raises ValueError naming the fields otherwise."""
+    ``gradient_accumulation_steps`` equal micro-batches; raises :class:`ConfigError` naming the fields
+    otherwise."""
     if ppo.batch_size % ppo.mini_batch_size:
-        raise ValueError(f"ppo.batch_size {ppo.batch_size} must be a multiple of ppo.mini_batch_size "
+        raise ConfigError(f"ppo.batch_size {ppo.batch_size} must be a multiple of ppo.mini_batch_size "
                          f"{ppo.mini_batch_size} (the optimizer steps per PPO epoch are their ratio)")
     share = processes * ppo.gradient_accumulation_steps
     if ppo.mini_batch_size % share:
         over = f"ppo.num_processes={processes} x " if processes > 1 else ""
-        raise ValueError(
+        raise ConfigError(
             f"ppo.mini_batch_size {ppo.mini_batch_size} cannot be split into {over}"
             f"ppo.gradient_accumulation_steps={ppo.gradient_accumulation_steps} equal micro-batches: make it a "
             f"multiple of {share}" + (", or train on fewer processes" if processes > 1 else "")
