@@ -497,6 +497,9 @@ def _demo_defaults() -> dict[str, Any]:
         # Tuned on the embedded default: the tiny policy needs a far larger step than FLAN-T5.
         "ppo": {
             "learning_rate": 1e-3,
+            # The value head is a linear probe on 128 features: at the policy's rate its explained
+            # variance stayed near 0.1 after 20 steps.
+            "value_learning_rate": 1e-2,
             "steps": 70,
             "batch_size": 16,
             "mini_batch_size": 8,
