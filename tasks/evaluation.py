@@ -25,7 +25,7 @@ import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
-from tasks.config import EvalSettings, GenerationSettings, RunConfig
+from tasks.config import EvalSettings, RunConfig
 from tasks.models import RewardModel, pad_prompts, sample, special_tokens
 from tasks.stats import ChangeInterval, paired_bootstrap
 
@@ -107,7 +107,7 @@ def eval_fingerprint(config: RunConfig, dataset_fingerprint: str, num_samples: i
         "batch_size": config.eval.batch_size,
         "max_new_tokens": config.eval.max_new_tokens,
         "score_prompt": config.eval.score_prompt,
-        "generation": config.generation.model_dump(),
+        "sampling": [config.eval.temperature, config.eval.top_k, config.eval.top_p],
         "toxicity_scorer": [config.model.toxicity_scorer, config.model.toxic_label],
         "judge": [config.eval.judge, config.eval.judge_toxic_label],
     }
@@ -124,11 +124,11 @@ def generate_summaries(
     model,
     tokenizer,
     input_ids: list[list[int]],
-    generation: GenerationSettings,
     settings: EvalSettings,
     desc: str = "generate",
 ) -> list[str]:
-    """Sampled summaries, one batched decoding loop per batch, batch ``b`` seeded with ``seed + b``."""
+    """Sampled summaries, one batched decoding loop per batch, batch ``b`` seeded with ``seed + b``, with
+    the evaluation's own sampling settings (never the rollouts')."""
     device = next(model.parameters()).device
     tokens = special_tokens(model, tokenizer)
     summaries: list[str] = []
@@ -136,7 +136,7 @@ def generate_summaries(
     for batch_index, start in enumerate(tqdm(starts, desc=desc, leave=False)):
         prompt_ids, prompt_mask = pad_prompts(input_ids[start : start + settings.batch_size], tokens, device)
         torch.manual_seed(settings.seed + batch_index)
-        output = sample(model, prompt_ids, prompt_mask, generation, settings.max_new_tokens, tokens)
+        output = sample(model, prompt_ids, prompt_mask, settings, settings.max_new_tokens, tokens)
         summaries.extend(text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True))
     return summaries
 
@@ -198,7 +198,6 @@ def evaluate_policy(
     test_split,
     reward_model: RewardModel,
     judge: Judge,
-    generation: GenerationSettings,
     settings: EvalSettings,
     out_dir: Path,
     desc: str = "evaluate",
@@ -207,7 +206,7 @@ def evaluate_policy(
     count = sample_count(settings, len(test_split))
     rows = test_split.select(range(count)).to_pandas()
     input_ids = list(rows["input_ids"])
-    summaries = generate_summaries(model, tokenizer, input_ids, generation, settings, desc=desc)
+    summaries = generate_summaries(model, tokenizer, input_ids, settings, desc=desc)
     prompts = tokenizer.batch_decode(input_ids, skip_special_tokens=True) if settings.score_prompt else None
     scored = score_summaries(rows, summaries, reward_model, judge, settings, prompts)
     summary = summarize(scored, settings.toxicity_threshold)

@@ -30,7 +30,7 @@ from transformers import (
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from tasks.config import GenerationSettings
+from tasks.config import EvalSettings, GenerationSettings
 from tasks.storage import mirrored_model
 
 logger = logging.getLogger(__name__)
@@ -85,9 +85,14 @@ def load_base_policy(
     compute_dtype: str = "float16",
     trust_remote_code: bool = False,
 ):
-    """The base policy, in 4-bit NF4 (QLoRA, the third seed's setup) when ``load_in_4bit``."""
+    """The base policy, in 4-bit NF4 (QLoRA, the third seed's setup) when ``load_in_4bit``, else in float32.
+
+    float32 is asked for explicitly: transformers 5 loads a checkpoint in the dtype it was saved in,
+    and a policy saved in bfloat16 or float16 would train its adapter and take its log-probs at that
+    precision. Lower precision for speed is ``ppo.mixed_precision`` (autocast over float32 weights).
+    """
     model_class = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModelForCausalLM
-    kwargs: dict = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    kwargs: dict = {"use_safetensors": True, "trust_remote_code": trust_remote_code, "dtype": torch.float32}
     if load_in_4bit:
         if not torch.cuda.is_available():
             raise RuntimeError("load_in_4bit needs a CUDA device (bitsandbytes 4-bit kernels); set it to false on CPU")
@@ -100,6 +105,7 @@ def load_base_policy(
             bnb_4bit_use_double_quant=False,
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+        del kwargs["dtype"]  # build_policy's prepare_model_for_kbit_training casts the rest to float32
     return model_class.from_pretrained(mirrored_model(policy_name), **kwargs)
 
 
@@ -204,14 +210,15 @@ def sample(
     model,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    generation: GenerationSettings,
+    generation: GenerationSettings | EvalSettings,
     max_new_tokens: int,
     tokens: SpecialTokens,
     length_budget: torch.Tensor | None = None,
     encoder_hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Batched sampling from softmax(logits / temperature), filtered only by ``top_k``/``top_p``:
-    the distribution whose log-probs PPO computes. Nothing from the checkpoint's
+    """Batched sampling from softmax(logits / temperature), filtered only by ``top_k``/``top_p``
+    (evaluation's; rollouts refuse them, so PPO's log-probs are those of the distribution
+    sampled). Nothing from the checkpoint's
     ``generation_config`` (repetition penalties, forced tokens, ...) takes part.
 
     One decoding loop for the whole batch with a key/value cache; the prompt is encoded
@@ -285,7 +292,7 @@ def draw_categorical(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, uniform, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(1)
 
 
-def _sampling_warpers(generation: GenerationSettings) -> LogitsProcessorList:
+def _sampling_warpers(generation: GenerationSettings | EvalSettings) -> LogitsProcessorList:
     """generate()'s own warpers, in its order, for the settings that are not a no-op."""
     warpers = LogitsProcessorList()
     if generation.temperature != 1.0:

@@ -265,7 +265,7 @@ def _score(config: RunConfig, model, tokenizer, test_split, device: torch.device
     return evaluate_policy(
         model, tokenizer, test_split, _toxicity_model(config, device),
         load_judge(config.eval, device, config.model.trust_remote_code),
-        config.generation, config.eval, out_dir, desc=desc,
+        config.eval, out_dir, desc=desc,
     )
 
 

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutput
 
-from tasks.config import GenerationSettings, LoraSettings, PPOSettings, check_batch_split
+from tasks.config import ConfigError, GenerationSettings, LoraSettings, PPOSettings, check_batch_split
 from tasks.fsutil import replace_dir
 from tasks.models import (
     load_base_policy,
@@ -469,12 +469,20 @@ def folded_adapters(policy: PeftModel, modules: nn.Module) -> Iterator[None]:
     memory of the adapted weights under ``modules`` (for a seq2seq sampler, the decoder's) for the
     duration of the block. Layers outside ``modules``, and layers whose adapters are switched off
     (:func:`reference_policy`), are left as they are. Nothing is folded on a quantized base, or
-    when a layer is not a plain LoRA linear layer (DoRA and other variants).
+    when a layer is not a plain LoRA linear layer (DoRA and other variants, a LoRA bias).
+
+    The sum is taken in float32 and rounded once to the weight's dtype, so a low-precision weight
+    does not lose the update's small entries. Every ``requires_grad`` flag under ``modules`` comes
+    back as it was: peft's ``enable_adapters`` marks every active adapter trainable, a frozen SFT
+    adapter's too.
     """
     layers = [module for module in modules.modules() if isinstance(module, LoraLinear)]
-    if _is_quantized(policy) or any(type(layer) is not LoraLinear or layer.lora_variant for layer in layers):
+    if _is_quantized(policy) or any(
+        type(layer) is not LoraLinear or layer.lora_variant or any(layer.lora_bias.values()) for layer in layers
+    ):
         yield
         return
+    requires_grad = {param: param.requires_grad for layer in layers for param in layer.parameters()}
     folded_layers: list[tuple[LoraLinear, nn.Parameter]] = []
     try:
         with torch.no_grad():
@@ -483,17 +491,26 @@ def folded_adapters(policy: PeftModel, modules: nn.Module) -> Iterator[None]:
                 if layer.disable_adapters or not active:
                     continue
                 base = layer.get_base_layer()
-                folded = base.weight.detach().clone()
+                folded = base.weight.detach().to(torch.float32, copy=True)
                 for name in active:
-                    folded += layer.get_delta_weight(name).to(folded.dtype)
+                    folded += _lora_delta(layer, name)
                 folded_layers.append((layer, base.weight))
-                base.weight = nn.Parameter(folded, requires_grad=False)
+                base.weight = nn.Parameter(folded.to(base.weight.dtype), requires_grad=False)
                 layer.enable_adapters(False)  # the layer now runs its base layer alone
         yield
     finally:
         for layer, weight in folded_layers:
             layer.get_base_layer().weight = weight
             layer.enable_adapters(True)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+
+
+def _lora_delta(layer: LoraLinear, name: str) -> torch.Tensor:
+    """``scaling * B @ A`` of one adapter of a LoRA linear layer, in float32, shaped like the base weight
+    (peft's ``get_delta_weight``, which computes in the adapter's dtype)."""
+    delta = (layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()) * layer.scaling[name]
+    return delta.T if layer.fan_in_fan_out else delta
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -549,6 +566,11 @@ class Rollout(Responses):
 
 
 CHECKPOINT_PREFIX = "step-"
+# PPO settings a resume may change: how long and where it trains, how it saves, not what it learns.
+RESUMABLE_WITH_OTHER_VALUES = {
+    "steps", "checkpoint_every", "keep_checkpoints", "num_processes", "gradient_accumulation_steps",
+    "gradient_checkpointing", "mixed_precision",
+}
 
 
 class PPOTrainer:
@@ -566,8 +588,16 @@ class PPOTrainer:
     With an ``accelerator`` of several processes (:mod:`tasks.ppo_workers`) training is data
     parallel: each process takes its share of every batch (the same prompts, in the same
     order, as one process would), samples with its own random stream, and applies the mean of
-    all processes' gradients. The KL that steers the coefficient and the ceiling is the whole
-    batch's; advantages are whitened per process; the metrics cover the whole batch.
+    all processes' gradients. ``ppo.mini_batch_size`` counts samples over all processes, so the
+    number of optimizer steps does not depend on the number of processes (Huang et al.'s
+    ``nminibatches``). The KL that steers the coefficient and the ceiling, the whitening of the
+    advantages and the token mean of the losses are the whole batch's, so the update is the one
+    a single process would make on the whole batch; the metrics cover the whole batch.
+
+    The value head is its own parameter group (``ppo.value_learning_rate``), and the adapter's and
+    the head's gradients are clipped separately. With ``ppo.mixed_precision='bf16'`` (CUDA) the
+    policy's forward passes run under bfloat16 autocast; the weights, the optimizer, the log-probs
+    and the values stay float32.
     """
 
     def __init__(
@@ -588,6 +618,12 @@ class PPOTrainer:
         self.rank = accelerator.process_index if accelerator is not None else 0
         self.processes = accelerator.num_processes if accelerator is not None else 1
         check_batch_split(ppo, self.processes)
+        if ppo.mixed_precision != "no" and self.device.type != "cuda":
+            raise ConfigError(f"ppo.mixed_precision '{ppo.mixed_precision}' needs a CUDA device, and this trainer "
+                              f"runs on {self.device}: set ppo.mixed_precision to 'no'")
+        # This process's rows of each mini-batch, and of each micro-batch within it.
+        self.mini_batch_rows = ppo.mini_batch_size // self.processes
+        self.micro_batch_rows = self.mini_batch_rows // ppo.gradient_accumulation_steps
         self.policy = policy if _is_quantized(policy) else policy.to(self.device)
         self.value_head = value_head.to(self.device)
         self.tokenizer = tokenizer
@@ -604,9 +640,17 @@ class PPOTrainer:
         adapter_params = [p for p in policy.parameters() if p.requires_grad]
         if not adapter_params:
             raise ValueError("the policy has no trainable parameters: pass a model with a LoRA adapter")
-        self.trainable_params = adapter_params + list(value_head.parameters())
-        # eps=1e-5 as in CleanRL and Huang et al.'s reference runs.
-        self.optimizer = torch.optim.Adam(self.trainable_params, lr=ppo.learning_rate, eps=1e-5)
+        head_params = list(self.value_head.parameters())
+        self.trainable_params = adapter_params + head_params
+        # Two groups: the critic is a linear probe on detached states, far from the adapter in how
+        # fast it can and must move. eps=1e-5 as in CleanRL and Huang et al.'s reference runs.
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": adapter_params, "lr": ppo.learning_rate, "name": "policy"},
+                {"params": head_params, "lr": ppo.value_learning_rate, "name": "value"},
+            ],
+            eps=1e-5,
+        )
         self.kl_ctl: AdaptiveKLController | FixedKLController = (
             AdaptiveKLController(ppo.init_kl_coef, ppo.target_kl, ppo.kl_horizon)
             if ppo.adaptive_kl
@@ -619,6 +663,12 @@ class PPOTrainer:
         self._restored = False
 
     # -- forward passes --------------------------------------------------------------------
+
+    def _autocast(self) -> AbstractContextManager:
+        """bfloat16 autocast of the policy's forward passes under ``ppo.mixed_precision='bf16'``."""
+        if self.ppo.mixed_precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
 
     def _response_mask(self, response_ids: torch.Tensor, length_budget: torch.Tensor) -> torch.Tensor:
         """1 on tokens up to and including the first EOS, and within each sample's length budget."""
@@ -652,24 +702,26 @@ class PPOTrainer:
                 if encoder_hidden is None
                 else {"encoder_outputs": BaseModelOutput(last_hidden_state=encoder_hidden)}
             )
-            output = self.policy(
-                **prompt,
-                attention_mask=prompt_mask,
-                decoder_input_ids=torch.cat([start, response_ids[:, :-1]], dim=1),
-                output_hidden_states=True,
-                use_cache=False,
-            )
+            with self._autocast():
+                output = self.policy(
+                    **prompt,
+                    attention_mask=prompt_mask,
+                    decoder_input_ids=torch.cat([start, response_ids[:, :-1]], dim=1),
+                    output_hidden_states=True,
+                    use_cache=False,
+                )
             return output.logits, output.decoder_hidden_states[-1]
         prompt_length, response_length = prompt_ids.shape[1], response_ids.shape[1]
         attention_mask = torch.cat([prompt_mask, torch.ones_like(response_ids)], dim=1)
-        output = self.policy(
-            input_ids=torch.cat([prompt_ids, response_ids], dim=1),
-            attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
-            output_hidden_states=True,
-            use_cache=False,
-            logits_to_keep=response_length + 1,  # no vocabulary-wide logits over the prompt
-        )
+        with self._autocast():
+            output = self.policy(
+                input_ids=torch.cat([prompt_ids, response_ids], dim=1),
+                attention_mask=attention_mask,
+                position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
+                output_hidden_states=True,
+                use_cache=False,
+                logits_to_keep=response_length + 1,  # no vocabulary-wide logits over the prompt
+            )
         return output.logits[:, :-1], output.hidden_states[-1][:, prompt_length - 1 : -1]
 
     def _forward(
@@ -680,7 +732,8 @@ class PPOTrainer:
         with_entropy: bool = False,
         encoder_hidden: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Log-probs of ``response_ids`` under teacher forcing, the values, optionally the entropy."""
+        """Log-probs of ``response_ids`` under teacher forcing, the values, optionally the entropy, all
+        in float32 (outside the autocast of the policy's forward pass)."""
         logits, hidden = self._logits_and_states(prompt_ids, prompt_mask, response_ids, encoder_hidden)
         # Log-probs of the distribution that was sampled: logits / temperature (Huang et al.).
         temperature = self.generation.temperature
@@ -722,7 +775,7 @@ class PPOTrainer:
         # rollout() (the reference, whose encoder lacks the PPO adapter, encodes them for itself).
         encoder_hidden = None
         if self.tokens.is_encoder_decoder:
-            with torch.no_grad():
+            with torch.no_grad(), self._autocast():
                 encoder_hidden = self.policy.get_encoder()(
                     input_ids=prompt_ids, attention_mask=prompt_mask
                 ).last_hidden_state
@@ -732,7 +785,7 @@ class PPOTrainer:
         decoding_modules = (
             self.policy.get_base_model().get_decoder() if self.tokens.is_encoder_decoder else self.policy
         )
-        with folded_adapters(self.policy, decoding_modules):
+        with folded_adapters(self.policy, decoding_modules), self._autocast():
             sampled = sample(
                 self.policy, prompt_ids, prompt_mask, self.generation, int(length_budget.max()), self.tokens,
                 length_budget, encoder_hidden,
@@ -775,8 +828,8 @@ class PPOTrainer:
         responses, encoder_hidden = self._generate_and_score(prompt_input_ids)
         chunks: list[tuple[torch.Tensor, ...]] = []
         with torch.no_grad():
-            for start in range(0, len(responses.texts), self.ppo.mini_batch_size):
-                rows = slice(start, start + self.ppo.mini_batch_size)
+            for start in range(0, len(responses.texts), self.mini_batch_rows):
+                rows = slice(start, start + self.mini_batch_rows)
                 args = (responses.prompt_ids[rows], responses.prompt_mask[rows], responses.response_ids[rows])
                 encoded = encoder_hidden[rows] if encoder_hidden is not None else None
                 logprobs, values, entropy = self._forward(*args, with_entropy=True, encoder_hidden=encoded)
@@ -817,10 +870,10 @@ class PPOTrainer:
         old_values = rollout.values * mask
         advantages, returns = compute_gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
         raw_advantages_mean = float(masked_mean(advantages, mask))
-        advantages = whiten(advantages, mask)
+        advantages = self._whiten(advantages, mask)
 
         # Optimise: ppo_epochs passes over shuffled mini-batches, each one optimizer step made of
-        # gradient_accumulation_steps micro-batches.
+        # gradient_accumulation_steps micro-batches in every process.
         self.policy.train(ppo.gradient_checkpointing)
         losses: dict[str, list[float]] = {
             "policy_loss": [],
@@ -828,15 +881,20 @@ class PPOTrainer:
             "clipfrac": [],
             "approx_kl": [],
             "value_clipfrac": [],
+            "grad_norm_policy": [],
+            "grad_norm_value": [],
         }
-        micro_batch_size = ppo.mini_batch_size // ppo.gradient_accumulation_steps
         for _epoch in range(ppo.ppo_epochs):
             order = torch.randperm(batch_size, generator=self.generator).to(self.device)
-            for start in range(0, batch_size, ppo.mini_batch_size):
-                mini_batch = order[start : start + ppo.mini_batch_size]
+            for start in range(0, batch_size, self.mini_batch_rows):
+                mini_batch = order[start : start + self.mini_batch_rows]
+                # The losses are means over the mini-batch's tokens in all processes: each micro-batch's
+                # mean is weighted by its share of those tokens (times the processes, whose gradients
+                # are averaged), so neither accumulation nor the number of processes changes the gradient.
+                mini_batch_tokens = float(self._sum_over_processes(mask[mini_batch].sum()))
                 self.optimizer.zero_grad(set_to_none=True)
-                for micro_start in range(0, len(mini_batch), micro_batch_size):
-                    mb = mini_batch[micro_start : micro_start + micro_batch_size]
+                for micro_start in range(0, len(mini_batch), self.micro_batch_rows):
+                    mb = mini_batch[micro_start : micro_start + self.micro_batch_rows]
                     new_logprobs, new_values, _ = self._forward(
                         rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.response_ids[mb]
                     )
@@ -852,14 +910,18 @@ class PPOTrainer:
                             f"non-finite loss at step {self.steps_done}: "
                             f"policy loss {pg_loss.item()}, value loss {vf_loss.item()}"
                         )
-                    (loss / ppo.gradient_accumulation_steps).backward()
+                    share = float(mask[mb].sum()) * self.processes / mini_batch_tokens
+                    (loss * share).backward()
                     losses["policy_loss"].append(pg_loss.item())
                     losses["value_loss"].append(vf_loss.item())
                     losses["clipfrac"].append(clipfrac.item())
                     losses["approx_kl"].append(approx_kl.item())
                     losses["value_clipfrac"].append(vf_clipfrac.item())
                 self._average_gradients()
-                nn.utils.clip_grad_norm_(self.trainable_params, ppo.max_grad_norm)
+                # Per group: the critic's large early gradients must not shrink the policy's step.
+                for group in self.optimizer.param_groups:
+                    norm = nn.utils.clip_grad_norm_(group["params"], ppo.max_grad_norm)
+                    losses[f"grad_norm_{group['name']}"].append(float(norm))  # before clipping
                 self.optimizer.step()
         self.policy.eval()
 
@@ -878,6 +940,8 @@ class PPOTrainer:
             "returns_mean": float(masked_mean(returns, mask)),
             "advantages_mean": raw_advantages_mean,  # before whitening, which makes it 0
             "explained_variance": explained_variance(old_values, returns, mask),
+            # root mean square error of the rollout's values against the returns, in reward units
+            "value_error": float(masked_mean((old_values - returns) ** 2, mask).sqrt()),
             "response_length": float(mask.sum(dim=1).mean()),
             "tokens_per_second": float(mask.sum()) / elapsed,  # response tokens per second of the whole step
             "non_score_reward": float(non_score_reward.sum(dim=1).mean()),
@@ -893,6 +957,22 @@ class PPOTrainer:
         if self.processes == 1:
             return value
         return self.accelerator.reduce(value.detach().reshape(-1).clone(), reduction="mean").reshape(value.shape)
+
+    def _sum_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        """``value``'s sum over the processes (itself when there is one)."""
+        if self.processes == 1:
+            return value
+        return self.accelerator.reduce(value.detach().reshape(-1).clone(), reduction="sum").reshape(value.shape)
+
+    def _whiten(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """:func:`whiten` over the whole batch: the mean and variance of every process's masked values."""
+        if self.processes == 1:
+            return whiten(values, mask)
+        mask = mask.to(values.dtype)
+        count, total = self._sum_over_processes(torch.stack([mask.sum(), (values * mask).sum()]))
+        mean = total / count
+        variance = self._sum_over_processes(((values - mean) ** 2 * mask).sum()) / (count - 1)
+        return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
 
     def _average_gradients(self) -> None:
         """Every process applies the mean of all processes' gradients (one all-reduce of the
@@ -1002,12 +1082,49 @@ class PPOTrainer:
             "steps_done": self.steps_done,
             "kl_controller": self.kl_ctl.state_dict(),
             "prompt_order": self._prompt_order,
+            "settings": self._training_settings(),
         }
         (out_dir / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
+    def _training_settings(self) -> dict[str, dict[str, Any]]:
+        """The settings a resumed run must share with the checkpoint it continues."""
+        return {
+            "ppo": self.ppo.model_dump(mode="json", exclude=RESUMABLE_WITH_OTHER_VALUES),
+            "generation": self.generation.model_dump(mode="json"),
+        }
+
+    def _check_resumable(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse to continue a checkpoint trained with other PPO or rollout settings, naming them: the
+        checkpoint's KL controller would otherwise silently replace the configured target and horizon,
+        and a run would mix two trainings under one name."""
+        saved = state.get("settings")
+        if saved is None:  # written before the settings were recorded: its KL controller tells some
+            kl = state["kl_controller"]
+            saved = {"ppo": {"adaptive_kl": kl["kind"] == "adaptive"}}
+            if kl["kind"] == "adaptive":
+                saved["ppo"] |= {"target_kl": kl["target"], "kl_horizon": kl["horizon"]}
+        current = self._training_settings()
+        differ = [
+            f"{section}.{name} is {value!r} in the checkpoint but {current[section].get(name)!r} now"
+            for section, fields in saved.items()
+            for name, value in fields.items()
+            if current.get(section, {}).get(name) != value
+        ]
+        if differ:
+            raise ConfigError(
+                f"cannot resume from {path}: it was trained with other settings ({'; '.join(differ)}). Set them "
+                "back to the checkpoint's values to continue it, or start a new run to train with the new ones"
+            )
+
     def load(self, out_dir: Path) -> None:
-        """Restore what :meth:`save` wrote (adapter weights, value head, KL coefficient, step count)."""
+        """Restore what :meth:`save` wrote (adapter weights, value head, KL coefficient, step count).
+
+        Raises :class:`~tasks.config.ConfigError`, before anything is restored, when the checkpoint was
+        trained with other settings (all of ``ppo`` but :data:`RESUMABLE_WITH_OTHER_VALUES`, and
+        ``generation``)."""
         out_dir = Path(out_dir)
+        state = json.loads((out_dir / "trainer_state.json").read_text())
+        self._check_resumable(state, out_dir)
         adapter_state = load_file(str(out_dir / "adapter" / "adapter_model.safetensors"))
         result = set_peft_model_state_dict(self.policy, adapter_state, adapter_name=PPO_ADAPTER)
         if getattr(result, "unexpected_keys", None):
@@ -1015,7 +1132,6 @@ class PPOTrainer:
         self.value_head.load_state_dict(
             load_file(str(out_dir / "value_head.safetensors"), device=str(self.device))
         )
-        state = json.loads((out_dir / "trainer_state.json").read_text())
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.steps_done = int(state["steps_done"])
         self._prompt_order = [int(i) for i in state.get("prompt_order", [])]

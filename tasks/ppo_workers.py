@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import RunConfig
+from tasks.config import RunConfig, check_batch_split
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,15 @@ class PPOJob:
 
 
 def processes_for(config: RunConfig, device: torch.device) -> int:
-    """``ppo.num_processes``, or by default one process per visible GPU (one on CPU)."""
+    """``ppo.num_processes``, or by default one process per visible GPU (one on CPU).
+
+    Raises :class:`~tasks.config.ConfigError` naming the fields when the batch cannot be shared
+    by that many processes, before any worker starts."""
     if config.ppo.num_processes:
         return config.ppo.num_processes
-    return max(torch.cuda.device_count(), 1) if device.type == "cuda" else 1
+    processes = max(torch.cuda.device_count(), 1) if device.type == "cuda" else 1
+    check_batch_split(config.ppo, processes)
+    return processes
 
 
 def train_ppo(job: PPOJob, accelerator=None, on_checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:

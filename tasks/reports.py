@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 TABLE_FILE = "comparison.html"
 TOXICITY_PLOT = "toxicity_before_after.png"
-TRAINING_PLOT = "ppo_reward_kl.png"
+TRAINING_PLOT = "ppo_reward_kl.png"  # reward, KL and the critic's explained variance
 SUMMARY_FILE = "summary.json"
 
 _STYLE = """
@@ -112,14 +112,18 @@ def plot_toxicity(before: np.ndarray, after: np.ndarray, path: Path) -> None:
 
 
 def plot_training(history: list[dict], path: Path) -> None:
-    """Mean reward and KL to the reference over PPO steps."""
+    """Mean reward, KL to the reference and the critic's explained variance over PPO steps."""
     steps = np.arange(len(history))
-    fig, (reward_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    fig, (reward_ax, kl_ax, critic_ax) = plt.subplots(1, 3, figsize=(14, 4), dpi=100)
     reward_ax.plot(steps, [m["reward_mean"] for m in history], color="#0969da")
     reward_ax.set_title("mean reward (nothate logit)")
     kl_ax.plot(steps, [m["kl"] for m in history], color="#8250df")
     kl_ax.set_title("KL to the reference policy")
-    for ax in (reward_ax, kl_ax):
+    # 1 - Var(returns - values) / Var(returns): 0 is a critic no better than a constant.
+    critic_ax.plot(steps, [m.get("explained_variance", np.nan) for m in history], color="#1a7f37")
+    critic_ax.axhline(0.0, color="#888", linewidth=0.8)
+    critic_ax.set_title("value head: explained variance of the returns")
+    for ax in (reward_ax, kl_ax, critic_ax):
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)
     fig.tight_layout()

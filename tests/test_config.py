@@ -29,8 +29,14 @@ def test_unknown_fields_are_named():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"ppo.batch_size": 10, "ppo.mini_batch_size": 4}, "batch_size 10 must split into mini-batches of 4"),
-        ({"ppo.num_processes": 3}, "batch_size 16 must split into mini-batches of 8 across 3 processes"),
+        ({"ppo.batch_size": 10, "ppo.mini_batch_size": 4}, "ppo.batch_size 10 must be a multiple of ppo.mini_batch"),
+        ({"ppo.num_processes": 3}, "ppo.mini_batch_size 8 cannot be split into ppo.num_processes=3 x "
+                                   "ppo.gradient_accumulation_steps=1 equal micro-batches"),
+        ({"ppo.mini_batch_size": 8, "ppo.gradient_accumulation_steps": 3},
+         "ppo.mini_batch_size 8 cannot be split into ppo.gradient_accumulation_steps=3"),
+        ({"generation.top_k": 50}, "generation.top_k=50 would truncate the rollout's sampling"),
+        ({"generation.top_p": 0.9}, "generation.top_p=0.9 would truncate the rollout's sampling"),
+        ({"ppo.mixed_precision": "bf16"}, "ppo.mixed_precision 'bf16' needs CUDA, but device is 'cpu'"),
         ({"data.prompt_template": "no placeholder"}, "{dialogue}"),
         ({"ppo.steps": 0}, "ppo.steps"),
         ({"data.min_dialogue_chars": 500, "data.max_dialogue_chars": 100}, "min_dialogue_chars"),
@@ -39,6 +45,22 @@ def test_unknown_fields_are_named():
 def test_bad_values_are_rejected(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
         RunConfig.for_profile("demo", overrides)
+
+
+def test_optimizer_steps_per_epoch_do_not_depend_on_the_number_of_processes():
+    # The seeds' 16 / 4: four optimizer steps per PPO epoch on 1, 2 or 4 GPUs (each with 4 / N rows of
+    # every mini-batch); 3 GPUs cannot share a mini-batch of 4 and are refused before training.
+    for processes in (1, 2, 4):
+        config = RunConfig.for_profile("production", {"ppo.num_processes": processes})
+        assert config.ppo.batch_size // config.ppo.mini_batch_size == 4
+    with pytest.raises(ConfigError, match="ppo.mini_batch_size 4 cannot be split into ppo.num_processes=3"):
+        RunConfig.for_profile("production", {"ppo.num_processes": 3})
+
+
+def test_evaluation_samples_with_its_own_settings():
+    config = RunConfig.for_profile("demo", {"eval.top_k": 50, "eval.top_p": 0.9, "eval.temperature": 0.7})
+    assert (config.eval.top_k, config.eval.top_p, config.eval.temperature) == (50, 0.9, 0.7)
+    assert (config.generation.top_k, config.generation.top_p, config.generation.temperature) == (0, 1.0, 1.0)
 
 
 def test_params_map_onto_config():

@@ -13,14 +13,16 @@ def test_fingerprint_names_the_protocol():
         eval_fingerprint(config, "data-2", 200),
         eval_fingerprint(config, "data-1", 100),
         *(eval_fingerprint(RunConfig.for_profile("demo", {key: value}), "data-1", 200) for key, value in [
-            ("eval.seed", 7), ("eval.batch_size", 8), ("eval.max_new_tokens", 20), ("generation.top_k", 5),
+            ("eval.seed", 7), ("eval.batch_size", 8), ("eval.max_new_tokens", 20), ("eval.top_k", 5),
             ("eval.judge", "some/classifier"), ("model.toxicity_model_name", "other"), ("eval.score_prompt", True),
         ]),
     ]
     assert same not in changed and len(set(changed)) == len(changed)
     # ... things that do not, do not.
-    # (the demo measures toxicity with its own classifier, whatever reward PPO trains against)
-    for key, value in [("ppo.steps", 3), ("promotion.min_toxicity_reduction", 0.5), ("eval.bootstrap_resamples", 500),
+    # (the demo measures toxicity with its own classifier, whatever reward PPO trains against;
+    # evaluation samples with its own settings, not the rollouts')
+    for key, value in [("ppo.steps", 3), ("generation.temperature", 0.7), ("promotion.min_toxicity_reduction", 0.5),
+                       ("eval.bootstrap_resamples", 500),
                        ("model.reward_model_name", "models:/detox-reward-demo@champion")]:
         assert eval_fingerprint(RunConfig.for_profile("demo", {key: value}), "data-1", 200) == same
 

@@ -16,7 +16,8 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
-from tasks.config import GenerationSettings, LoraSettings, PPOSettings
+import tasks.ppo as ppo_module
+from tasks.config import ConfigError, GenerationSettings, LoraSettings, PPOSettings
 from tasks.models import draw_categorical
 from tasks.ppo import (
     AdaptiveKLController,
@@ -98,6 +99,22 @@ def test_compute_gae_discounts_with_gamma():
     advantages, returns = compute_gae(rewards, values, mask, gamma=0.5, lam=1.0)
     assert advantages[0].tolist() == pytest.approx([2.0, 4.0])  # 0 + 0.5 * 4, 4
     assert returns[0].tolist() == pytest.approx([2.0, 4.0])
+
+
+def test_compute_gae_with_gamma_below_one_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 99.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7], [1.0, 1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    advantages, returns = compute_gae(rewards, values, mask, gamma=0.9, lam=0.8)  # gamma * lam = 0.72
+    # Row 0: t=2: delta = 1 + 0.9 * 0   - 0.7 = 0.3   A2 = 0.3
+    #        t=1: delta = 0 + 0.9 * 0.7 - 0.6 = 0.03  A1 = 0.03 + 0.72 * 0.3   = 0.246
+    #        t=0: delta = 0 + 0.9 * 0.6 - 0.5 = 0.04  A0 = 0.04 + 0.72 * 0.246 = 0.21712
+    # Row 1 ends after t=1: t=1: delta = 2 + 0.9 * 0 - 1 = 1     A1 = 1
+    #                       t=0: delta = 0 + 0.9 * 1 - 1 = -0.1  A0 = -0.1 + 0.72 * 1 = 0.62
+    assert advantages[0].tolist() == pytest.approx([0.21712, 0.246, 0.3])
+    assert returns[0].tolist() == pytest.approx([0.71712, 0.846, 1.0])
+    assert advantages[1].tolist() == pytest.approx([0.62, 1.0, 0.0])
+    assert returns[1].tolist() == pytest.approx([1.62, 2.0, 0.0])
 
 
 def test_kl_penalty_estimators():
@@ -274,8 +291,7 @@ def tiny_t5_config() -> T5Config:
     )
 
 
-@pytest.fixture(scope="module")
-def insulting_t5_state() -> dict[str, torch.Tensor]:
+def insulting_t5_weights() -> dict[str, torch.Tensor]:
     """Weights of a tiny T5 taught to emit "insult" in ~40% of its tokens (about 0.5 s)."""
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(tiny_t5_config())
@@ -294,7 +310,12 @@ def insulting_t5_state() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def prompts() -> list[list[int]]:
+def insulting_t5_state() -> dict[str, torch.Tensor]:
+    return insulting_t5_weights()
+
+
+def tiny_prompts() -> list[list[int]]:
+    """32 prompts of 6 random words."""
     tokenizer = tiny_tokenizer()
     generator = torch.Generator().manual_seed(1)
     return [
@@ -303,6 +324,11 @@ def prompts() -> list[list[int]]:
         ).input_ids
         for _ in range(32)
     ]
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    return tiny_prompts()
 
 
 def insult_share(text: str) -> float:
@@ -315,7 +341,9 @@ def avoid_insults(texts: list[str], prompts: list[str] | None = None) -> torch.T
     return torch.tensor([-insult_share(text) for text in texts])
 
 
-def make_trainer(state: dict[str, torch.Tensor], reward_fn=avoid_insults, **ppo_overrides) -> PPOTrainer:
+def make_trainer(
+    state: dict[str, torch.Tensor], reward_fn=avoid_insults, accelerator=None, **ppo_overrides
+) -> PPOTrainer:
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(tiny_t5_config())
     model.load_state_dict(state)
@@ -334,7 +362,7 @@ def make_trainer(state: dict[str, torch.Tensor], reward_fn=avoid_insults, **ppo_
     }
     ppo = PPOSettings(**(settings | ppo_overrides))
     generation = GenerationSettings(min_new_tokens=6, max_new_tokens=10)
-    return PPOTrainer(policy, ValueHead(32), tiny_tokenizer(), reward_fn, ppo, generation, "cpu")
+    return PPOTrainer(policy, ValueHead(32), tiny_tokenizer(), reward_fn, ppo, generation, "cpu", accelerator)
 
 
 def test_reference_equals_policy_before_any_update(insulting_t5_state, prompts):
@@ -463,6 +491,19 @@ def test_a_policy_without_decoder_start_token_is_rejected():
         )
 
 
+def test_bf16_autocast_is_refused_on_cpu(insulting_t5_state):
+    with pytest.raises(ConfigError, match="ppo.mixed_precision 'bf16' needs a CUDA device"):
+        make_trainer(insulting_t5_state, mixed_precision="bf16")
+
+
+def test_a_policy_saved_in_bfloat16_trains_in_float32(tmp_path):
+    model = T5ForConditionalGeneration(tiny_t5_config()).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base16")
+    tiny_tokenizer().save_pretrained(tmp_path / "base16")
+    policy, _ = build_policy(str(tmp_path / "base16"), None, LoraSettings(r=2, alpha=4), "cpu")
+    assert {param.dtype for param in policy.parameters()} == {torch.float32}
+
+
 def test_empty_prompts_are_rejected(insulting_t5_state):
     trainer = make_trainer(insulting_t5_state)
     with pytest.raises(ValueError, match="no prompts"):
@@ -542,6 +583,20 @@ def test_build_policy_merges_sft_and_the_reference_is_the_sft_model(tmp_path, in
     with torch.no_grad():
         torch.testing.assert_close(fresh_policy(**inputs).logits, trained_logits)
 
+    # A resume must train as the checkpoint did: other settings are refused by name (steps may grow).
+    other = PPOTrainer(fresh_policy, ValueHead(32), tokenizer, avoid_insults,
+                       PPOSettings(batch_size=4, target_kl=3.0, kl_horizon=500, steps=99),
+                       GenerationSettings(min_new_tokens=2, max_new_tokens=4), "cpu")
+    with pytest.raises(ConfigError, match=r"ppo.target_kl is 6.0 in the checkpoint but 3.0 now; "
+                                          r"ppo.kl_horizon is 10000 in the checkpoint but 500 now\)") as refused:
+        other.load(tmp_path / "ppo")
+    assert "ppo.steps" not in str(refused.value)
+    # A checkpoint written before the settings were recorded: its KL controller still tells.
+    state_file = tmp_path / "ppo" / "trainer_state.json"
+    state_file.write_text(json.dumps(json.loads(state_file.read_text()) | {"settings": None}))
+    with pytest.raises(ConfigError, match=r"ppo.target_kl is 6.0 in the checkpoint but 3.0 now"):
+        other.load(tmp_path / "ppo")
+
 
 def test_folded_adapters_compute_the_same_function_and_put_the_weights_back(insulting_t5_state, prompts):
     trainer = make_trainer(insulting_t5_state)
@@ -568,6 +623,20 @@ def test_folded_adapters_compute_the_same_function_and_put_the_weights_back(insu
     with torch.no_grad(), reference_policy(policy):  # the reference is still the base
         reference = policy(**inputs).logits
     assert not torch.allclose(reference, expected)
+
+
+def test_folded_adapters_put_every_requires_grad_flag_back(tmp_path, prompts):
+    """peft's enable_adapters(True) marks every active adapter trainable; a frozen SFT adapter must stay frozen."""
+    save_base_and_sft(tmp_path)
+    lora = LoraSettings(r=8, alpha=16, dropout=0.0)
+    policy, _ = build_policy(str(tmp_path / "base"), tmp_path / "sft", lora, "cpu", merge_sft=False)
+    next(p for name, p in policy.named_parameters() if "lora_A.default" in name).requires_grad_(False)  # odd, kept
+    flags = {name: param.requires_grad for name, param in policy.named_parameters()}
+    assert any(".sft." in name for name in flags) and not any(flags[name] for name in flags if ".sft." in name)
+    inputs = {"input_ids": torch.tensor([prompts[0]]), "decoder_input_ids": torch.tensor([[0, 5, 9, 12]])}
+    with torch.no_grad(), folded_adapters(policy, policy):
+        policy(**inputs)
+    assert {name: param.requires_grad for name, param in policy.named_parameters()} == flags
 
 
 # ---------------------------------------------------------------------------------------------
@@ -606,30 +675,125 @@ def test_a_resumed_run_continues_exactly_where_the_checkpoint_left_it(tmp_path, 
         resumed.train(prompts, total_steps=4)
 
 
-def test_gradient_accumulation_splits_each_mini_batch(insulting_t5_state, prompts):
-    trainer = make_trainer(insulting_t5_state, mini_batch_size=8, gradient_accumulation_steps=4, ppo_epochs=2)
-    forward_rows: list[int] = []
-    optimizer_steps = 0
-    real_forward, real_step = trainer._forward, trainer.optimizer.step
+def as_if_trained(trainer: PPOTrainer) -> PPOTrainer:
+    """Non-zero LoRA B matrices and value head (the same for every trainer of the same state), so the
+    policy differs from the reference and the values from 0."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in trainer.policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
+        weight = trainer.value_head.summary.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator))
+    return trainer
 
-    def counting_forward(prompt_ids, *args, **kwargs):
-        forward_rows.append(prompt_ids.shape[0])
-        return real_forward(prompt_ids, *args, **kwargs)
 
-    def counting_step(*args, **kwargs):
-        nonlocal optimizer_steps
-        optimizer_steps += 1
-        return real_step(*args, **kwargs)
+def freeze_rollout(trainer: PPOTrainer, rollout) -> None:
+    """Every step() of ``trainer`` trains on ``rollout`` instead of sampling."""
+    trainer.rollout = lambda batch: rollout
 
+
+def test_a_step_at_learning_rate_zero_matches_an_independent_computation(insulting_t5_state, prompts, monkeypatch):
+    """step() on a frozen rollout with every learning rate at 0, against the per-token rewards, returns,
+    whitened advantages and losses worked out here with loops over Python floats."""
+    trainer = as_if_trained(make_trainer(insulting_t5_state, mini_batch_size=8, ppo_epochs=2, gamma=0.9))
     rollout = trainer.rollout(prompts[:16])
-    trainer.rollout = lambda batch: rollout  # only the update's forward passes are counted
-    trainer.optimizer.step = counting_step
-    trainer._forward = counting_forward
+    freeze_rollout(trainer, rollout)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 0.0
+    calls: list[dict] = []
+    real_policy_loss, real_value_loss = ppo_module.policy_loss, ppo_module.value_loss
+
+    def recording_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+        calls.append({"logprobs": logprobs.detach().clone(), "old_logprobs": old_logprobs, "advantages": advantages})
+        return real_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
+
+    def recording_value_loss(values, old_values, returns, mask, cliprange_value):
+        calls[-1] |= {"values": values.detach().clone(), "returns": returns}
+        return real_value_loss(values, old_values, returns, mask, cliprange_value)
+
+    monkeypatch.setattr(ppo_module, "policy_loss", recording_policy_loss)
+    monkeypatch.setattr(ppo_module, "value_loss", recording_value_loss)
     metrics = trainer.step(prompts[:16])
-    assert optimizer_steps == 2 * (16 // 8)  # epochs x mini-batches
-    assert forward_rows == [2] * (2 * 16 // 2)  # micro-batches of 8 / 4 rows
-    assert math.isfinite(metrics["policy_loss"])
-    with pytest.raises(ValueError, match="multiple of gradient_accumulation_steps"):
+
+    beta, gamma, lam = 0.05, 0.9, 0.95
+    logprobs, ref_logprobs = rollout.logprobs.tolist(), rollout.ref_logprobs.tolist()
+    values, scores = rollout.values.tolist(), rollout.scores.tolist()
+    lengths = [int(n) for n in rollout.response_mask.sum(dim=1).tolist()]
+    assert any(logprobs[b][0] != ref_logprobs[b][0] for b in range(16))  # the policy is not the reference
+    advantages, returns = [], []
+    for b, n in enumerate(lengths):
+        rewards = [-beta * (logprobs[b][t] - ref_logprobs[b][t]) for t in range(n)]  # Ziegler et al.
+        rewards[-1] += scores[b]
+        row, advantage = [0.0] * n, 0.0
+        for t in reversed(range(n)):
+            next_value = values[b][t + 1] if t + 1 < n else 0.0
+            advantage = rewards[t] + gamma * next_value - values[b][t] + gamma * lam * advantage
+            row[t] = advantage
+        advantages.append(row)
+        returns.append([a + v for a, v in zip(row, values[b], strict=False)])
+    flat = [a for row in advantages for a in row]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((a - mean) ** 2 for a in flat) / (len(flat) - 1))
+    whitened = [[(a - mean) / std for a in row] for row in advantages]
+
+    assert len(calls) == 2 * 2  # epochs x mini-batches
+    expected_pg, expected_vf = [], []
+    for call in calls:
+        rows = [next(b for b in range(16) if torch.equal(rollout.logprobs[b], old)) for old in call["old_logprobs"]]
+        # lr 0: the weights never move, so every ratio is exactly 1 (and so in the first epoch)
+        assert torch.equal(call["logprobs"], call["old_logprobs"])
+        tokens = sum(lengths[b] for b in rows)
+        for i, b in enumerate(rows):
+            n = lengths[b]
+            assert call["advantages"][i, :n].tolist() == pytest.approx(whitened[b], abs=1e-5)
+            assert call["returns"][i, :n].tolist() == pytest.approx(returns[b], abs=1e-5)
+        expected_pg.append(-sum(a for b in rows for a in whitened[b]) / tokens)
+        expected_vf.append(0.5 * sum((v - r) ** 2 for b in rows
+                                     for v, r in zip(values[b], returns[b], strict=False)) / tokens)
+    assert metrics["clipfrac"] == 0.0 and metrics["approx_kl"] == 0.0
+    assert metrics["policy_loss"] == pytest.approx(sum(expected_pg) / 4, abs=1e-6)
+    assert metrics["value_loss"] == pytest.approx(sum(expected_vf) / 4, rel=1e-5)
+    kl = [sum(logprobs[b][t] - ref_logprobs[b][t] for t in range(n)) for b, n in enumerate(lengths)]
+    assert metrics["kl"] == pytest.approx(sum(kl) / 16, abs=1e-5)
+    assert metrics["value_error"] == pytest.approx(
+        math.sqrt(sum((v - r) ** 2 for b in range(16) for v, r in zip(values[b], returns[b], strict=False))
+                  / sum(lengths)), rel=1e-5)
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_mini_batch(insulting_t5_state, prompts):
+    rollout = as_if_trained(make_trainer(insulting_t5_state)).rollout(prompts[:16])
+    assert len(set(rollout.response_mask.sum(dim=1).tolist())) > 1  # micro-batches of unequal token counts
+
+    def gradients(accumulation: int) -> tuple[list[torch.Tensor], list[int]]:
+        # one optimizer step; no clipping, which would hide a gradient k times too large
+        trainer = as_if_trained(make_trainer(insulting_t5_state, mini_batch_size=16, ppo_epochs=1, max_grad_norm=1e9,
+                                             gradient_accumulation_steps=accumulation))
+        freeze_rollout(trainer, rollout)
+        forward_rows: list[int] = []
+        steps: list[list[torch.Tensor]] = []
+        real_forward, real_step = trainer._forward, trainer.optimizer.step
+
+        def counting_forward(prompt_ids, *args, **kwargs):
+            forward_rows.append(prompt_ids.shape[0])
+            return real_forward(prompt_ids, *args, **kwargs)
+
+        def recording_step(*args, **kwargs):
+            steps.append([param.grad.clone() for param in trainer.trainable_params])
+            return real_step(*args, **kwargs)
+
+        trainer._forward, trainer.optimizer.step = counting_forward, recording_step
+        trainer.step(prompts[:16])
+        assert len(steps) == 1
+        return steps[0], forward_rows
+
+    whole, whole_rows = gradients(1)
+    accumulated, accumulated_rows = gradients(4)
+    assert whole_rows == [16] and accumulated_rows == [4, 4, 4, 4]
+    assert all(bool(grad.abs().sum() > 0) for grad in whole)
+    for got, want in zip(accumulated, whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="mini_batch_size 8 cannot be split into ppo.gradient_accumulation_steps=3"):
         PPOSettings(mini_batch_size=8, gradient_accumulation_steps=3)
 
 
