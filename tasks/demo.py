@@ -27,6 +27,7 @@ from tasks.embedded import (
     build_embedded_reward,
     causal_paths,
 )
+from tasks.fsutil import exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -147,13 +148,25 @@ def _run(dag_id: str, config, engine: str, overrides: dict, run_all) -> tuple[st
 
 
 def ensure_airflow_db() -> None:
-    """Create the demo's SQLite Airflow metadata database on first use.
+    """Create the demo's SQLite Airflow metadata database, with the project's DAGs in it, on first use.
 
-    ``dags test`` runs tasks whatever their pool, so the demo needs no ``gpu`` pool.
+    ``dags test`` runs tasks whatever their pool, so the demo needs no ``gpu`` pool. Each ``dags
+    test`` writes its DAG's rows if they are missing: two started at once on a database without
+    them both insert, and one dies on the unique ``dag_id``. So the rows are written here, once,
+    by one process at a time.
     """
-    if not (Path(os.environ["AIRFLOW_HOME"]) / "airflow.db").exists():
-        logger.info("initialising the Airflow metadata database (SQLite)")
-        subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+    home = Path(os.environ["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    serialized = home / ".detox-dags-serialized"
+    with exclusive_lock(home / ".detox-airflow-db.lock"):
+        if not (home / "airflow.db").exists():
+            logger.info("initialising the Airflow metadata database (SQLite)")
+            subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
+            serialized.unlink(missing_ok=True)
+        if not serialized.exists():
+            logger.info("writing the DAGs into the Airflow metadata database")
+            subprocess.run([sys.executable, "-m", "airflow", "dags", "reserialize"], check=True, capture_output=True)
+            serialized.touch()
 
 
 def _run_dag(dag_id: str, config, started: datetime, overrides: dict) -> tuple[str, Path]:

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import PROMPT_TEMPLATE, detox_home
-from tasks.fsutil import replace_dir
+from tasks.fsutil import exclusive_lock, replace_dir
 
 if TYPE_CHECKING:
     import torch
@@ -219,7 +219,7 @@ def _build_once(root: Path, version: int, seed: int, required: Sequence[Path], f
     ``version`` and ``seed`` and every ``required`` file exists; concurrent callers wait on a lock,
     and the second one finds the first one's build."""
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root.parent / f".{root.name}.lock"):
+    with exclusive_lock(root.parent / f".{root.name}.lock"):
         try:
             existing = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -273,18 +273,6 @@ def _torch_settings() -> Iterator[None]:
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------- tokenizers

@@ -144,9 +144,12 @@ def open_run(config: RunConfig, run_key: str, tags: dict[str, str] | None = None
     mlflow_client = client()
     run_id = _find_run(experiment_id, run_key)
     if run_id is None:
-        run = mlflow_client.create_run(experiment_id, run_name=run_key, tags={RUN_KEY_TAG: run_key})
-        run_id = _settle_race(experiment_id, run_key, run.info.run_id)
-        log_params(run_id, flatten(config.model_dump()), prefix="config/")
+        created = mlflow_client.create_run(experiment_id, run_name=run_key, tags={RUN_KEY_TAG: run_key}).info.run_id
+        run_id = _settle_race(experiment_id, run_key, created)
+        if run_id == created:
+            # Only the winner logs the config: two steps inserting the same params at once make one
+            # of them fail on a database with real concurrency (Postgres behind an MLflow server).
+            log_params(run_id, flatten(config.model_dump()), prefix="config/")
         logger.info("opened MLflow run %s for %s", run_id, run_key)
     if tags:
         mlflow_client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

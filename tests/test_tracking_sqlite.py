@@ -1,4 +1,4 @@
-"""The first use of a fresh SQLite tracking store by processes that start together (issue: two
+"""The first use of a fresh tracking store, and of a run, by steps that start together (issue: two
 Airflow tasks under the LocalExecutor created the MLflow schema at once, one failed)."""
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from tasks import tracking
+from tasks.config import RunConfig
 from tasks.tracking import sqlite_path
 
 FIRST_USE = """
@@ -50,3 +52,22 @@ def test_sqlite_path():
     assert sqlite_path("sqlite:///rel/mlflow.db?timeout=5") == Path("rel/mlflow.db")
     assert sqlite_path("http://127.0.0.1:5000") is None
     assert sqlite_path("postgresql://u@h/db") is None
+
+
+def test_two_steps_opening_one_run_at_once_log_the_config_once(tmp_path, monkeypatch):
+    """Two steps that start together both miss the run and both create one: the loser's is deleted
+    and only the winner logs the config (the same params inserted twice at once failed a step on
+    Postgres, and Airflow retried it)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = RunConfig.for_profile("demo", {"experiment_name": "open-race"})
+    winner = tracking.open_run(config, "run-1")
+    logged = []
+    monkeypatch.setattr(tracking, "_find_run", lambda *_: None)  # looked before the winner had created it
+    monkeypatch.setattr(tracking, "log_params", lambda run_id, *_, **__: logged.append(run_id))
+
+    assert tracking.open_run(config, "run-1", tags={"step": "second"}) == winner
+    assert logged == []
+    experiment = tracking.client().get_experiment_by_name("open-race")
+    (run,) = tracking.client().search_runs([experiment.experiment_id])  # the loser's run is deleted
+    assert run.info.run_id == winner and run.data.tags["step"] == "second"
+    assert run.data.params["config/experiment_name"] == "open-race"
