@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -157,16 +158,16 @@ def ensure_airflow_db() -> None:
     """
     home = Path(os.environ["AIRFLOW_HOME"])
     home.mkdir(parents=True, exist_ok=True)
-    serialized = home / ".detox-dags-serialized"
+    database = home / "airflow.db"
     with exclusive_lock(home / ".detox-airflow-db.lock"):
-        if not (home / "airflow.db").exists():
+        if not database.exists():
             logger.info("initialising the Airflow metadata database (SQLite)")
             subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
-            serialized.unlink(missing_ok=True)
-        if not serialized.exists():
+        with closing(sqlite3.connect(database)) as db:
+            has_dags = db.execute("SELECT 1 FROM dag LIMIT 1").fetchone() is not None
+        if not has_dags:
             logger.info("writing the DAGs into the Airflow metadata database")
             subprocess.run([sys.executable, "-m", "airflow", "dags", "reserialize"], check=True, capture_output=True)
-            serialized.touch()
 
 
 def _run_dag(dag_id: str, config, started: datetime, overrides: dict) -> tuple[str, Path]:

@@ -92,8 +92,10 @@ def load_base_policy(
     precision. Lower precision for speed is ``ppo.mixed_precision`` (autocast over float32 weights).
     """
     model_class = AutoModelForSeq2SeqLM if family == "seq2seq" else AutoModelForCausalLM
-    kwargs: dict = {"use_safetensors": True, "trust_remote_code": trust_remote_code, "dtype": torch.float32}
-    if load_in_4bit:
+    kwargs: dict = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+    if not load_in_4bit:
+        kwargs["dtype"] = torch.float32
+    else:  # no dtype: build_policy's prepare_model_for_kbit_training casts the rest to float32
         if not torch.cuda.is_available():
             raise RuntimeError("load_in_4bit needs a CUDA device (bitsandbytes 4-bit kernels); set it to false on CPU")
         from transformers import BitsAndBytesConfig
@@ -105,7 +107,6 @@ def load_base_policy(
             bnb_4bit_use_double_quant=False,
         )
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-        del kwargs["dtype"]  # build_policy's prepare_model_for_kbit_training casts the rest to float32
     return model_class.from_pretrained(mirrored_model(policy_name), **kwargs)
 
 

@@ -858,7 +858,7 @@ class PPOTrainer:
         )
         sequence_kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(dim=1)
         # Over the whole batch, so every process steers the KL coefficient (and stops) alike.
-        mean_kl = float(self._mean_over_processes(sequence_kl.mean()))
+        mean_kl = float(self._over_processes(sequence_kl.mean(), "mean"))
         if not math.isfinite(mean_kl):
             raise PPOTrainingError(f"KL to the reference is not finite ({mean_kl}) at step {self.steps_done}")
         if mean_kl > ppo.kl_ceiling:
@@ -891,7 +891,7 @@ class PPOTrainer:
                 # The losses are means over the mini-batch's tokens in all processes: each micro-batch's
                 # mean is weighted by its share of those tokens (times the processes, whose gradients
                 # are averaged), so neither accumulation nor the number of processes changes the gradient.
-                mini_batch_tokens = float(self._sum_over_processes(mask[mini_batch].sum()))
+                mini_batch_tokens = float(self._over_processes(mask[mini_batch].sum(), "sum"))
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(mini_batch), self.micro_batch_rows):
                     mb = mini_batch[micro_start : micro_start + self.micro_batch_rows]
@@ -952,26 +952,20 @@ class PPOTrainer:
 
     # -- data parallelism ------------------------------------------------------------------
 
-    def _mean_over_processes(self, value: torch.Tensor) -> torch.Tensor:
-        """``value``'s mean over the processes (itself when there is one)."""
+    def _over_processes(self, value: torch.Tensor, reduction: Literal["mean", "sum"]) -> torch.Tensor:
+        """``value``'s mean or sum over the processes (itself when there is one)."""
         if self.processes == 1:
             return value
-        return self.accelerator.reduce(value.detach().reshape(-1).clone(), reduction="mean").reshape(value.shape)
-
-    def _sum_over_processes(self, value: torch.Tensor) -> torch.Tensor:
-        """``value``'s sum over the processes (itself when there is one)."""
-        if self.processes == 1:
-            return value
-        return self.accelerator.reduce(value.detach().reshape(-1).clone(), reduction="sum").reshape(value.shape)
+        return self.accelerator.reduce(value.detach().reshape(-1).clone(), reduction=reduction).reshape(value.shape)
 
     def _whiten(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """:func:`whiten` over the whole batch: the mean and variance of every process's masked values."""
         if self.processes == 1:
             return whiten(values, mask)
         mask = mask.to(values.dtype)
-        count, total = self._sum_over_processes(torch.stack([mask.sum(), (values * mask).sum()]))
+        count, total = self._over_processes(torch.stack([mask.sum(), (values * mask).sum()]), "sum")
         mean = total / count
-        variance = self._sum_over_processes(((values - mean) ** 2 * mask).sum()) / (count - 1)
+        variance = self._over_processes(((values - mean) ** 2 * mask).sum(), "sum") / (count - 1)
         return (values - mean) * torch.rsqrt(variance + 1e-8) * mask
 
     def _average_gradients(self) -> None:
@@ -980,7 +974,7 @@ class PPOTrainer:
         if self.processes == 1:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable_params]
-        averaged = self._mean_over_processes(torch.cat([grad.reshape(-1) for grad in grads]))
+        averaged = self._over_processes(torch.cat([grad.reshape(-1) for grad in grads]), "mean")
         for param, chunk in zip(self.trainable_params, averaged.split([g.numel() for g in grads]), strict=True):
             param.grad = chunk.view_as(param).clone()
 
@@ -999,7 +993,7 @@ class PPOTrainer:
         reward's mean and spread over all samples, the throughput summed."""
         names = list(metrics)
         local = torch.tensor([metrics[name] for name in names], dtype=torch.float64, device=self.device)
-        combined = dict(zip(names, self._mean_over_processes(local).tolist(), strict=True))
+        combined = dict(zip(names, self._over_processes(local, "mean").tolist(), strict=True))
         everyone = self.accelerator.gather(rewards)
         combined["reward_mean"], combined["reward_std"] = float(everyone.mean()), float(everyone.std())
         combined["tokens_per_second"] *= self.processes
