@@ -48,10 +48,10 @@ def change(before: float, after: float) -> float:
 
 def run_seeds(seeds: list[int], overrides: dict, home: Path | None) -> list[dict]:
     """Train and evaluate one PPO adapter per seed; one result row each."""
-    from tasks import pipeline
     from tasks.config import RunConfig
-    from tasks.demo import demo_services
-    from tasks.ppo import checkpoint_history, latest_checkpoint
+    from tasks.local.demo import demo_services
+    from tasks.rl.trainer import checkpoint_history, latest_checkpoint
+    from tasks.steps import detox_retrain as pipeline
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     rows = []

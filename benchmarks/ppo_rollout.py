@@ -6,9 +6,9 @@ Speed, in one process, on the same policy, batch, prompts and length bounds:
   for every prompt, draw a length from the LengthSampler, one ``generate`` call for that
   prompt alone, decode; then the reward pipeline (``text-classification``, raw logits,
   batch 16) over each prompt + response, as the seeds scored it;
-* **batched generate-and-score** — :meth:`tasks.ppo.PPOTrainer.generate_and_score`, the same
+* **batched generate-and-score** — :meth:`tasks.rl.trainer.PPOTrainer.generate_and_score`, the same
   work: one batched decode with a length budget per sample, one reward call;
-* **full rollout** — :meth:`tasks.ppo.PPOTrainer.rollout`: the above plus the policy, reference
+* **full rollout** — :meth:`tasks.rl.trainer.PPOTrainer.rollout`: the above plus the policy, reference
   and value forward passes over the responses, which the seeds ran inside ``ppo_trainer.step``
   and which are not counted on the seeds' side.
 
@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 
 from tasks.config import GenerationSettings, LoraSettings, PPOSettings, RunConfig
-from tasks.models import RewardModel, pad_prompts, special_tokens
+from tasks.io.models import RewardModel, pad_prompts, special_tokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -87,7 +87,7 @@ SIZED_CONFIGS = {
 
 def prepare(model: str, workdir: Path, device: str, load_in_4bit: bool = False) -> dict:
     """Paths and settings of the benchmark's policy, reward model and prompts."""
-    from tasks.embedded import build_embedded_default
+    from tasks.embedded.builds import build_embedded_default
 
     config = RunConfig.for_profile("demo")
     embedded = build_embedded_default()  # the sized models score with its classifier too
@@ -167,7 +167,8 @@ def load_prompts(setup: dict, tokenizer, count: int) -> list[list[int]]:
 def build_trainer(
     setup: dict, device: str, batch_size: int, frozen_copy: bool = False, gradient_checkpointing: bool = False
 ):
-    from tasks.ppo import PPOTrainer, ValueHead, build_policy
+    from tasks.rl.policy import ValueHead, build_policy
+    from tasks.rl.trainer import PPOTrainer
 
     lora = LoraSettings(**setup["lora"])
     sft = Path(setup["sft_adapter"]) if setup["sft_adapter"] else None
@@ -292,14 +293,14 @@ def _memory_child(kind: str, setup: dict, device: str, batch_size: int, queue) -
     import peft  # noqa: F401  every library loaded before the baseline: only model memory counts
     import transformers  # noqa: F401
 
-    import tasks.ppo  # noqa: F401
+    import tasks.rl.trainer  # noqa: F401
 
     logging.disable(logging.WARNING)
     baseline = _current_rss_bytes()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if kind == "inference":
-        from tasks.models import load_policy, sample
+        from tasks.io.models import load_policy, sample
 
         adapters = [Path(setup["sft_adapter"])] if setup["sft_adapter"] else []
         model, tokenizer = load_policy(setup["policy"], adapters, device, load_in_4bit=setup["load_in_4bit"])

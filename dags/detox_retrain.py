@@ -112,7 +112,7 @@ def detox_retrain():
 
     @task.branch
     def promotion_check(baseline: dict, candidate: dict, champion: dict) -> str:
-        from tasks.pipeline import after_gate
+        from tasks.steps.detox_retrain import after_gate
 
         decision = _step("promotion_check", baseline, candidate, champion)
         get_current_context()["ti"].xcom_push(key="decision", value=decision)
@@ -162,7 +162,7 @@ class PromotionApproval(HITLBranchOperator):
     """
 
     def execute(self, context):
-        from tasks.review import approval_summary
+        from tasks.steps.review import approval_summary
 
         config, _ = _run()
         decision = context["ti"].xcom_pull(task_ids="promotion_check", key="decision")
@@ -187,15 +187,15 @@ def _report_url(dag_id: str, run_id: str) -> str:
 
 
 def _step(name: str, *args):
-    """Step ``name`` of :mod:`tasks.pipeline` for this DAG run. Bad input (config, data,
+    """Step ``name`` of :mod:`tasks.steps.detox_retrain` for this DAG run. Bad input (config, data,
     adapter, ...) fails the task at once: a retry could not fix it."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks import pipeline
     from tasks.errors import InputError
+    from tasks.steps import detox_retrain as steps
 
     try:
-        return getattr(pipeline, name)(*_run(), *args)
+        return getattr(steps, name)(*_run(), *args)
     except InputError as err:
         raise AirflowFailException(f"{type(err).__name__}: {err}") from err
 
@@ -203,8 +203,8 @@ def _step(name: str, *args):
 def _run():
     """The run config from this DAG run's Params, and who is running; credentials from the connections."""
     from tasks.config import config_from_params
-    from tasks.connections import apply_connections
-    from tasks.pipeline import StepContext
+    from tasks.io.connections import apply_connections
+    from tasks.steps.context import StepContext
 
     apply_connections(_connection)
     context = get_current_context()

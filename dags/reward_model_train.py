@@ -111,15 +111,15 @@ def reward_model_train():
 
 
 def _step(name: str, *args):
-    """Step ``name`` of :mod:`tasks.reward_pipeline` for this DAG run. Bad input (config, data,
+    """Step ``name`` of :mod:`tasks.steps.reward_model_train` for this DAG run. Bad input (config, data,
     adapter, ...) fails the task at once: a retry could not fix it."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tasks import reward_pipeline
     from tasks.errors import InputError
+    from tasks.steps import reward_model_train as steps
 
     try:
-        return getattr(reward_pipeline, name)(*_run(), *args)
+        return getattr(steps, name)(*_run(), *args)
     except InputError as err:
         raise AirflowFailException(f"{type(err).__name__}: {err}") from err
 
@@ -127,8 +127,8 @@ def _step(name: str, *args):
 def _run():
     """The config from this DAG run's Params, and who is running; credentials from the connections."""
     from tasks.config import config_from_params
-    from tasks.connections import apply_connections
-    from tasks.pipeline import StepContext
+    from tasks.io.connections import apply_connections
+    from tasks.steps.context import StepContext
 
     apply_connections(_connection)
     context = get_current_context()

@@ -7,7 +7,7 @@ import math
 from html import escape
 from urllib.parse import quote
 
-from tasks.review import Item, Progress, RunReport
+from tasks.steps.review import Item, Progress, RunReport
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #1f2328; }

@@ -32,7 +32,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from tasks import review
+from tasks.steps import review
 
 logger = logging.getLogger(__name__)
 

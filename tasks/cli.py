@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _unavailable_services() -> tuple[type[ConnectionError], ...]:
     """S3 or the tracking server out of reach after their retries: worth one line, not a traceback."""
-    from tasks.storage import S3UnavailableError
-    from tasks.tracking import TrackingUnavailableError
+    from tasks.io.s3 import S3UnavailableError
+    from tasks.registry.tracking import TrackingUnavailableError
 
     return S3UnavailableError, TrackingUnavailableError
 
@@ -165,40 +165,40 @@ def _fail(err: BaseException) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> dict | None:
-    from tasks import pipeline
-    from tasks.pipeline import StepContext
+    from tasks.steps import detox_retrain as pipeline
+    from tasks.steps.context import StepContext
 
     if args.command == "demo":
-        from tasks.demo import run_demo
+        from tasks.local.demo import run_demo
 
         report = run_demo(engine=args.engine, overrides=parse_overrides(args.set), family=args.family)
         print(format_report(report))
         return None
     if args.command == "reward-demo":
-        from tasks.demo import demo_services, run_reward_pipeline
+        from tasks.local.demo import demo_services, run_reward_pipeline
 
         with demo_services():
             return run_reward_pipeline(args.engine, parse_overrides(args.set))
     if args.command == "reward-train":
-        from tasks import reward_pipeline
+        from tasks.steps import reward_model_train as reward_pipeline
 
         config = load_config(args, RewardRunConfig)
         ctx = StepContext(run_key=args.run_id, dag_id="cli")
         return reward_pipeline.run_all(config, ctx)
     if args.command == "up":
         from tasks.config import detox_home
-        from tasks.stack import up
+        from tasks.local.stack import up
 
         up(detox_home(), args.airflow_port, args.mlflow_port)
         return None
     if args.command == "serve":
         from tasks.config import detox_home
-        from tasks.stack import read_stack, serve
+        from tasks.local.stack import read_stack, serve
 
         serve(args.tracking_uri or read_stack(detox_home())["mlflow_url"], args.port, args.model, args.alias)
         return None
     if args.command == "build-embedded":
-        from tasks.embedded import build_embedded_default
+        from tasks.embedded.builds import build_embedded_default
 
         paths = build_embedded_default(seed=args.seed, force=args.force)
         return {name: str(value) for name, value in vars(paths).items()}

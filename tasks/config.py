@@ -7,7 +7,7 @@ unknown fields are rejected with an error that names them.
 Profiles:
 
 * ``demo`` — the embedded default: tiny models and a synthetic data set that the
-  project builds itself under ``DETOX_HOME`` (see :mod:`tasks.embedded`), an S3
+  project builds itself under ``DETOX_HOME`` (see :mod:`tasks.embedded.builds`), an S3
   server on loopback, MLflow on SQLite. Runs on a laptop CPU in minutes.
 * ``production`` — the seeds' real models (FLAN-T5 summarizer with its SFT LoRA
   adapter in S3, Meta's RoBERTa hate-speech classifier as reward) on a GPU.
@@ -376,7 +376,7 @@ class RunConfig(_Run):
 
 
 class PreferenceDataConfig(_Section):
-    """Human preference rankings (format: :mod:`tasks.preferences`)."""
+    """Human preference rankings (format: :mod:`tasks.rewards.preferences`)."""
 
     source: str = Field(
         "s3://detox-preferences/rankings.jsonl",

@@ -10,7 +10,7 @@ import pytest
 from stack_fixtures import airflow_api, stack  # noqa: F401  (the served stack, one per session)
 from support import FINDERS, REQUIRE_VARIABLE, build_tiny_world, required_dependencies
 
-from tasks.embedded import build_embedded_default
+from tasks.embedded.builds import build_embedded_default
 
 # Tests never reach the Hugging Face Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,10 +57,10 @@ def pytest_collection_finish(session):
     source = os.environ.get("DETOX_TEST_EMBEDDED_FROM")
     if source:
         copy_embedded_builds(Path(source), home)
-    builds = ["build_embedded_default", "build_embedded_reward"]  # the demo fixture needs both
+    builds = ["builds.build_embedded_default", "reward.build_embedded_reward"]  # the demo fixture needs both
     if any("causal_build" in item.fixturenames for item in session.items):
-        builds.append("build_embedded_causal")
-    script = (f"import sys; from pathlib import Path; from tasks.embedded import {', '.join(builds)}; "
+        builds.append("causal.build_embedded_causal")
+    script = ("import sys; from pathlib import Path; from tasks.embedded import builds, causal, reward; "
               f"home = Path(sys.argv[1]); {'; '.join(f'{build}(home)' for build in builds)}")
     with (home / "background-build.log").open("w") as log:
         process = subprocess.Popen([sys.executable, "-c", script, str(home)], stdout=log, stderr=subprocess.STDOUT)
@@ -166,7 +166,7 @@ def embedded(detox_home):
 @pytest.fixture(scope="session")
 def causal_build(detox_home, embedded):
     """The embedded tiny Llama policy and its SFT adapter (the background build makes it last)."""
-    from tasks.embedded import build_embedded_causal
+    from tasks.embedded.causal import build_embedded_causal
 
     return build_embedded_causal(detox_home)
 
@@ -176,7 +176,7 @@ def demo(detox_home, embedded):
     """The demo's world for end-to-end tests: environment, S3 on loopback with the T5 SFT adapter,
     SQLite stores. The tiny Llama is left to the tests that use it (its build may still be running
     in the background while the others go ahead)."""
-    from tasks.demo import demo_services
+    from tasks.local.demo import demo_services
 
     saved = dict(os.environ)
     try:
@@ -188,7 +188,7 @@ def demo(detox_home, embedded):
 
 
 class SamplingSpy:
-    """Records the logits of every decoding step that :func:`tasks.models.sample` runs on ``model``."""
+    """Records the logits of every decoding step that :func:`tasks.io.models.sample` runs on ``model``."""
 
     def __init__(self, model):
         self.steps: list = []

@@ -26,7 +26,7 @@ XSS = '<script>document.title="pwned"</script><img src=x onerror="alert(1)">'
 @contextmanager
 def airflow_world(home: Path):
     """Yields (TestClient of Airflow's app, S3 server); restores the environment afterwards."""
-    from tasks.local_s3 import LocalS3Server
+    from tasks.io.s3_server import LocalS3Server
 
     saved = dict(os.environ)
     (home / "airflow").mkdir(parents=True, exist_ok=True)
@@ -108,11 +108,11 @@ def samples(n: int, seed: int, toxicity_shift: float) -> pd.DataFrame:
 def log_detox_run(run_key: str, work: Path, finished: bool = True) -> str:
     """A detox_retrain MLflow run as the pipeline logs it: evaluations, the gate, the reports.
     ``finished=False`` stops after the baseline evaluation, like a run still in training."""
-    from tasks import tracking
     from tasks.config import EvalSettings, PromotionSettings, RunConfig
-    from tasks.evaluation import COMPARED_METRICS, compare
-    from tasks.promotion import decide
-    from tasks.reports import write_reports
+    from tasks.evaluation.gate import decide
+    from tasks.evaluation.protocol import COMPARED_METRICS, compare
+    from tasks.evaluation.reports import write_reports
+    from tasks.registry import tracking
 
     config = RunConfig.for_profile("demo", {"artifact_root": str(work / "artifacts"),
                                             "mlflow_artifact_location": (work / "mlartifacts").as_uri()})

@@ -34,7 +34,7 @@ def main(folder: Path) -> None:
     from accelerate import Accelerator
     from test_ppo import as_if_trained, freeze_rollout, make_trainer
 
-    from tasks.ppo import Rollout
+    from tasks.rl.trainer import Rollout
 
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tasks.local_s3 import free_port
+from tasks.io.s3_server import free_port
 
 
 def copy_embedded_builds(source: Path, home: Path) -> None:
@@ -41,7 +41,7 @@ class AirflowAPI:
     """Airflow's REST API v2 with a token from ``POST /auth/token`` (the stack.json login)."""
 
     def __init__(self, stack: dict):
-        from tasks.stack import airflow_token
+        from tasks.local.stack import airflow_token
 
         self.url = stack["airflow_url"]
         self.token = airflow_token(self.url, stack["username"], stack["password"])

@@ -150,10 +150,10 @@ def tiny_classifier(folder: Path, labels: tuple[str, ...] | None = ("nothate", "
 
 
 def build_tiny_world(home: Path):
-    """The embedded default's folders under ``home/embedded`` (see :func:`tasks.embedded.embedded_paths`),
+    """The embedded default's folders under ``home/embedded`` (see :func:`tasks.embedded.builds.embedded_paths`),
     holding tiny untrained models instead of the built ones; no data set. The demo profile, with
     ``DETOX_HOME=home``, names them."""
-    from tasks.embedded import embedded_paths
+    from tasks.embedded.builds import embedded_paths
 
     paths = embedded_paths(home)
     paths.root.mkdir(parents=True)

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tasks.cli import format_report, main
-from tasks.local_s3 import free_port
+from tasks.io.s3_server import free_port
 
 
 def error_line(capsys) -> str:

@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from tasks.config import DataConfig
-from tasks.data import DataError, load_prepared, prepare_dataset
+from tasks.io.dialogues import DataError, load_prepared, prepare_dataset
 
 CONFIG = DataConfig(source="unused", min_dialogue_chars=20, max_dialogue_chars=200, test_size=0.25)
 

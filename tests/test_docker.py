@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tasks.connections import mlflow_environment, s3_environment
+from tasks.io.connections import mlflow_environment, s3_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -93,7 +93,7 @@ def test_ports_and_volumes(compose):
 def test_every_variable_the_code_reads_is_set(compose):
     env = compose["x-airflow-env"]
     read = set()
-    for path in [*ROOT.glob("tasks/*.py"), *ROOT.glob("dags/*.py"), *ROOT.glob("plugins/*.py")]:
+    for path in [*ROOT.glob("tasks/**/*.py"), *ROOT.glob("dags/*.py"), *ROOT.glob("plugins/*.py")]:
         read |= set(re.findall(r"os\.environ(?:\.get\(|\[)\"([A-Z0-9_]+)\"", path.read_text()))
     # Set by Airflow itself in every task or by the system, or read only by the local stack (`make up`,
     # `detox serve`).

@@ -16,16 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks import embedded as embedded_module
 from tasks.config import PROMPT_TEMPLATE, RunConfig
-from tasks.embedded import (
-    INSULT_WORDS,
-    EmbeddedPaths,
-    build_embedded_default,
-    contains_insult,
-    embedded_paths,
-    write_synthetic_dialogsum,
-)
+from tasks.embedded import builds as embedded_module
+from tasks.embedded.builds import EmbeddedPaths, build_embedded_default, embedded_paths, write_synthetic_dialogsum
+from tasks.embedded.world import INSULT_WORDS, contains_insult
 
 INSULTING_SENTENCES = [
     "#Person1#, a stupid idiot, asks #Person2# to fix the car before Friday.",
@@ -242,7 +236,7 @@ def test_sft_policy_loads_with_peft_and_insults_in_heated_dialogues_more_often(e
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from tasks.embedded import generate_dialogues
+    from tasks.embedded.world import generate_dialogues
 
     tokenizer = AutoTokenizer.from_pretrained(embedded.policy_base)
     base = AutoModelForSeq2SeqLM.from_pretrained(embedded.policy_base)
@@ -307,7 +301,8 @@ def test_causal_policy_is_a_llama_whose_sft_adapter_insults_heated_dialogues(det
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.embedded import build_embedded_causal, generate_dialogues
+    from tasks.embedded.causal import build_embedded_causal
+    from tasks.embedded.world import generate_dialogues
 
     paths = causal_build
     assert json.loads((paths.policy_base / "config.json").read_text())["model_type"] == "llama"

@@ -11,10 +11,10 @@ import matplotlib.image
 import mlflow
 import pytest
 
-from tasks import tracking
 from tasks.config import RunConfig
-from tasks.demo import causal_overrides, run_pipeline
-from tasks.storage import AdapterDownloadError
+from tasks.io.s3 import AdapterDownloadError
+from tasks.local.demo import causal_overrides, run_pipeline
+from tasks.registry import tracking
 
 pytestmark = pytest.mark.slow
 
@@ -158,7 +158,7 @@ def test_promotion_keeps_the_replaced_champion_as_previous(first_promotion):
 
 
 def test_missing_adapter_in_s3_is_a_clear_error(demo):
-    from tasks import pipeline
+    from tasks.steps import detox_retrain as pipeline
 
     config = RunConfig.for_profile("demo", {"model.sft_adapter_uri": "s3://detox-demo/adapters/does-not-exist"})
     with pytest.raises(AdapterDownloadError, match="no adapter found at s3://detox-demo/adapters/does-not-exist"):

@@ -1,7 +1,7 @@
 import pytest
 
 from tasks.config import EvalSettings, RunConfig
-from tasks.evaluation import ProfanityCheckJudge, eval_fingerprint, sample_count
+from tasks.evaluation.protocol import ProfanityCheckJudge, eval_fingerprint, sample_count
 
 
 def test_fingerprint_names_the_protocol():

@@ -9,7 +9,7 @@ import pytest
 from plugin_world import XSS, airflow_world, log_detox_run, token
 from starlette.testclient import TestClient
 
-from tasks.preferences import build_pairs, load_pairs
+from tasks.rewards.preferences import build_pairs, load_pairs
 
 RUN = "manual__2026-11-20T10:00:00+00:00"
 RUNNING = "manual__2026-11-21T10:00:00+00:00"

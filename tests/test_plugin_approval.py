@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tracking
 from tasks.config import RunConfig, form_field_schemas
-from tasks.pipeline import StepContext, after_gate, layout, record_approval, skip_registration
+from tasks.registry import tracking
+from tasks.steps.detox_retrain import StepContext, after_gate, layout, record_approval, skip_registration
 
 DAGS = Path(__file__).resolve().parents[1] / "dags"
 

@@ -22,8 +22,8 @@ import boto3
 import pytest
 import requests
 
-from tasks.demo import DAG_ID
-from tasks.local_s3 import DUMMY_CREDENTIAL, REGION
+from tasks.io.s3_server import DUMMY_CREDENTIAL, REGION
+from tasks.local.demo import DAG_ID
 
 pytestmark = pytest.mark.slow
 

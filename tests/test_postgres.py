@@ -17,9 +17,9 @@ import pytest
 from stack_fixtures import AirflowAPI, copy_embedded_builds
 from support import postgres_bin
 
-from tasks.demo import DAG_ID
-from tasks.local_s3 import free_port
-from tasks.stack import running_stack
+from tasks.io.s3_server import free_port
+from tasks.local.demo import DAG_ID
+from tasks.local.stack import running_stack
 
 PG_BIN = postgres_bin()  # initdb's folder: the binary .ci/run checks for too
 

@@ -16,32 +16,26 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
-import tasks.ppo as ppo_module
+import tasks.rl.trainer as ppo_module
 from tasks.config import ConfigError, GenerationSettings, LoraSettings, PPOSettings
-from tasks.models import draw_categorical
-from tasks.ppo import (
+from tasks.io.models import draw_categorical
+from tasks.rl.policy import ValueHead, build_policy, folded_adapters, load_value_head, reference_policy
+from tasks.rl.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
-    PPOTrainer,
-    PPOTrainingError,
-    ValueHead,
-    build_policy,
     compute_gae,
     entropy_from_logits,
     explained_variance,
-    folded_adapters,
     kl_penalty,
-    latest_checkpoint,
-    load_value_head,
     masked_mean,
     masked_var,
     per_token_rewards,
     policy_loss,
-    reference_policy,
     token_logprobs,
     value_loss,
     whiten,
 )
+from tasks.rl.trainer import PPOTrainer, PPOTrainingError, latest_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,8 +15,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from tasks.config import GenerationSettings, LoraSettings, PPOSettings
-from tasks.models import pad_prompts, special_tokens
-from tasks.ppo import PPOTrainer, ValueHead, build_policy, reference_policy
+from tasks.io.models import pad_prompts, special_tokens
+from tasks.rl.policy import ValueHead, build_policy, reference_policy
+from tasks.rl.trainer import PPOTrainer
 
 WORDS = ["insult"] + [f"w{i}" for i in range(1, 61)]
 VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2} | {word: i + 3 for i, word in enumerate(WORDS)}

@@ -20,9 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tasks import pipeline, tracking
 from tasks.config import RunConfig
-from tasks.local_s3 import free_port
+from tasks.io.s3_server import free_port
+from tasks.registry import tracking
+from tasks.steps import detox_retrain as pipeline
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from tasks.preferences import PreferenceError, build_pairs, load_pairs, pairs_from_ranking, read_records
+from tasks.rewards.preferences import PreferenceError, build_pairs, load_pairs, pairs_from_ranking, read_records
 
 
 def texts(pairs):

@@ -3,8 +3,8 @@ import math
 import pytest
 
 from tasks.config import PromotionSettings
-from tasks.promotion import decide
-from tasks.stats import ChangeInterval
+from tasks.evaluation.gate import decide
+from tasks.evaluation.stats import ChangeInterval
 
 SETTINGS = PromotionSettings(min_toxicity_reduction=0.10, max_rouge_l_drop=0.05, max_judge_increase=0.01)
 

@@ -6,7 +6,7 @@ from html.parser import HTMLParser
 import matplotlib.image
 import pandas as pd
 
-from tasks.reports import write_reports
+from tasks.evaluation.reports import write_reports
 
 
 def samples(toxicity, judge=None):

@@ -6,11 +6,11 @@ import mlflow
 import pandas as pd
 import pytest
 
-from tasks import tracking
 from tasks.config import RewardRunConfig
-from tasks.demo import run_pipeline, run_reward_pipeline
-from tasks.pipeline import StepContext
-from tasks.preferences import PreferenceError
+from tasks.local.demo import run_pipeline, run_reward_pipeline
+from tasks.registry import tracking
+from tasks.rewards.preferences import PreferenceError
+from tasks.steps.context import StepContext
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_reward_dag_registers_a_model_that_ranks_held_out_pairs(registered_rewar
 
 def test_a_run_keeps_the_reward_version_it_started_with(registered_reward, tmp_path):
     """A retried ppo_train must not switch rewards when the alias moves or vanishes meanwhile."""
-    from tasks.reward_model import resolve_reward_model
+    from tasks.rewards.reward_model import resolve_reward_model
 
     uri = f"models:/{REWARD}@champion"
     folder, tags = resolve_reward_model(uri, tmp_path / "reward-model")
@@ -78,7 +78,7 @@ def test_detox_retrain_with_the_registered_reward_lowers_toxicity_under_the_judg
 
 
 def test_preferences_without_a_usable_pair_fail_before_training(demo, tmp_path):
-    from tasks import reward_pipeline
+    from tasks.steps import reward_model_train as reward_pipeline
 
     bad = tmp_path / "rankings.jsonl"
     bad.write_text("\n".join(json.dumps(record) for record in [

@@ -9,10 +9,11 @@ import torch
 from support import tiny_classifier
 
 from tasks.config import ConfigError, RewardGateSettings, RewardRunConfig, RewardTrainingSettings, RunConfig
-from tasks.embedded import build_embedded_reward, contains_insult, preference_records
-from tasks.models import RewardModel, load_reward_tokenizer
-from tasks.preferences import Pair, build_pairs
-from tasks.reward_model import (
+from tasks.embedded.reward import build_embedded_reward
+from tasks.embedded.world import contains_insult, preference_records
+from tasks.io.models import RewardModel, load_reward_tokenizer
+from tasks.rewards.preferences import Pair, build_pairs
+from tasks.rewards.reward_model import (
     REWARD_MARKER,
     encode_pairs,
     evaluate_pairs,
@@ -20,7 +21,7 @@ from tasks.reward_model import (
     split_pairs,
     train_reward_model,
 )
-from tasks.reward_pipeline import decide
+from tasks.steps.reward_model_train import decide
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

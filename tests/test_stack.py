@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tasks.demo import DAG_ID
-from tasks.local_s3 import free_port
+from tasks.io.s3_server import free_port
+from tasks.local.demo import DAG_ID
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +115,7 @@ def test_second_run_is_triggered(second_run_id):
 
 
 def test_the_served_champion_answers(stack, first_run, second_run_id):
-    from tasks.stack import served_champion
+    from tasks.local.stack import served_champion
 
     dialogues = ["#Person1#: Did you finish the report? #Person2#: Yes, I sent it this morning.",
                  "#Person1#: The train is late again. #Person2#: Let's take the bus then."]

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks.stats import paired_bootstrap
+from tasks.evaluation.stats import paired_bootstrap
 
 
 def test_constant_difference_has_a_zero_width_interval():

@@ -8,15 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from tasks import tracking
 from tasks.config import RunConfig
-from tasks.tracking import sqlite_path
+from tasks.registry import tracking
+from tasks.registry.tracking import sqlite_path
 
 FIRST_USE = """
 import sys, time
 from pathlib import Path
 import mlflow
-from tasks import tracking
+from tasks.registry import tracking
 
 barrier, index = Path(sys.argv[1]), sys.argv[2]
 mlflow.set_tracking_uri(sys.argv[3])

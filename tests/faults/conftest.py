@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.local_s3 import free_port
+from tasks.io.s3_server import free_port
 
 
 class FaultyProxy:

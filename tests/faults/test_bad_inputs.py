@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks import pipeline, tracking
 from tasks.config import RunConfig
-from tasks.data import DataError
-from tasks.demo import ensure_airflow_db
-from tasks.storage import parse_s3_uri, s3_client
+from tasks.io.dialogues import DataError
+from tasks.io.s3 import parse_s3_uri, s3_client
+from tasks.local.demo import ensure_airflow_db
+from tasks.registry import tracking
+from tasks.steps import detox_retrain as pipeline
 
 pytestmark = pytest.mark.slow
 

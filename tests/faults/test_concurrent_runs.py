@@ -18,10 +18,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tasks import tracking
 from tasks.config import RewardRunConfig
-from tasks.demo import REWARD_DAG_ID, ensure_airflow_db
-from tasks.registry import LOCK_SUFFIX, alias_version
+from tasks.local.demo import REWARD_DAG_ID, ensure_airflow_db
+from tasks.registry import tracking
+from tasks.registry.model_registry import LOCK_SUFFIX, alias_version
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from tasks import pipeline, tracking
 from tasks.config import RunConfig
-from tasks.tracking import TrackingUnavailableError
+from tasks.registry import tracking
+from tasks.registry.tracking import TrackingUnavailableError
+from tasks.steps import detox_retrain as pipeline
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,10 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from tasks import pipeline, tracking
 from tasks.config import RunConfig
-from tasks.ppo import latest_checkpoint
+from tasks.registry import tracking
+from tasks.rl.trainer import latest_checkpoint
+from tasks.steps import detox_retrain as pipeline
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,16 @@ import pytest
 from mlflow.entities.model_registry.model_version_status import ModelVersionStatus
 from mlflow.tracking import MlflowClient
 
-from tasks import tracking
 from tasks.config import RunConfig
-from tasks.registry import LOCK_SUFFIX, ChampionMovedError, alias_lock, alias_version, merge_policy, register
+from tasks.registry import tracking
+from tasks.registry.model_registry import (
+    LOCK_SUFFIX,
+    ChampionMovedError,
+    alias_lock,
+    alias_version,
+    merge_policy,
+    register,
+)
 
 EXAMPLE = "#Person1#: Hi.\n#Person2#: Hello."
 

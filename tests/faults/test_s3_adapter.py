@@ -18,9 +18,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tasks.local_s3 import LocalS3Server
-from tasks.models import RewardModel
-from tasks.storage import (
+from tasks.io.models import RewardModel
+from tasks.io.s3 import (
     MANIFEST_NAME,
     AdapterDownloadError,
     download_adapter,
@@ -31,6 +30,7 @@ from tasks.storage import (
     same_base_model,
     upload_directory,
 )
+from tasks.io.s3_server import LocalS3Server
 
 BASE_MODEL = "marianna13/flan-t5-base-summarization"
 

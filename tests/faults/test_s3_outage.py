@@ -15,10 +15,11 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tasks import pipeline, tracking
 from tasks.config import RunConfig
-from tasks.local_s3 import LocalS3Server
-from tasks.storage import Backoff, S3UnavailableError, download_adapter, download_file, s3_client, upload_directory
+from tasks.io.s3 import Backoff, S3UnavailableError, download_adapter, download_file, s3_client, upload_directory
+from tasks.io.s3_server import LocalS3Server
+from tasks.registry import tracking
+from tasks.steps import detox_retrain as pipeline
 
 FAST = Backoff(attempts=8, first_delay_s=0.25, max_delay_s=1.0)
 
@@ -61,7 +62,7 @@ def test_adapter_download_waits_for_s3_to_come_back(s3_behind_proxy, tmp_path, c
     s3_behind_proxy.down()
     restorer = bring_back_after(s3_behind_proxy, 2.0)
 
-    with caplog.at_level(logging.WARNING, logger="tasks.storage"):
+    with caplog.at_level(logging.WARNING, logger="tasks.io.s3"):
         info = download_adapter(uri, tmp_path / "adapter", backoff=FAST)
     restorer.join()
 
@@ -81,7 +82,7 @@ def test_the_download_step_survives_an_outage(s3_behind_proxy, monkeypatch, capl
     s3_behind_proxy.down()
     restorer = bring_back_after(s3_behind_proxy, 1.5)
 
-    with caplog.at_level(logging.WARNING, logger="tasks.storage"):
+    with caplog.at_level(logging.WARNING, logger="tasks.io.s3"):
         result = pipeline.download_adapter(config, pipeline.StepContext(run_key="fault-s3-outage"))
     restorer.join()
 
@@ -99,7 +100,7 @@ def test_the_retry_policy_comes_from_the_environment(s3_behind_proxy, monkeypatc
     config = RunConfig.for_profile("demo")
     s3_behind_proxy.down()
 
-    with caplog.at_level(logging.WARNING, logger="tasks.storage"), pytest.raises(S3UnavailableError) as raised:
+    with caplog.at_level(logging.WARNING, logger="tasks.io.s3"), pytest.raises(S3UnavailableError) as raised:
         pipeline.download_adapter(config, pipeline.StepContext(run_key="fault-s3-policy"))
 
     assert "3 attempts failed" in str(raised.value)

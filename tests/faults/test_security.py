@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks import tracking
 from tasks.config import RewardRunConfig, RunConfig
-from tasks.connections import apply_connections
-from tasks.local_s3 import free_port
-from tasks.models import RewardModel, load_policy
+from tasks.io.connections import apply_connections
+from tasks.io.models import RewardModel, load_policy
+from tasks.io.s3_server import free_port
+from tasks.registry import tracking
 
 
 class WritesMarker:

@@ -2,8 +2,8 @@
 
     load_preferences -> build_pairs -> train -> evaluate -> registration_check -> register / skip
 
-Like :mod:`tasks.pipeline`, each step takes the run config and a
-:class:`~tasks.pipeline.StepContext`, works in the run-scoped folder, logs into the
+Like :mod:`tasks.steps.detox_retrain`, each step takes the run config and a
+:class:`~tasks.steps.detox_retrain.StepContext`, works in the run-scoped folder, logs into the
 run's one MLflow run under its own prefix (``data/``, ``pairs/``, ``train/``, ``eval/``,
 ``gate/``) and returns small JSON.
 """
@@ -17,9 +17,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import tracking
 from tasks.config import RewardGateSettings, RewardRunConfig
-from tasks.pipeline import StepContext
+from tasks.registry import tracking
+from tasks.steps.context import StepContext
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def layout(config: RewardRunConfig, ctx: StepContext) -> RewardLayout:
 def load_preferences(config: RewardRunConfig, ctx: StepContext) -> dict:
     """The preference file, copied into the run folder and validated; malformed records are counted
     and listed by line in ``preferences/problems.json``; no usable pair at all is an error."""
-    from tasks.preferences import PreferenceError, load_pairs
-    from tasks.storage import download_file
+    from tasks.io.s3 import download_file
+    from tasks.rewards.preferences import PreferenceError, load_pairs
 
     paths = layout(config, ctx)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("load_preferences"))
@@ -95,8 +95,8 @@ def load_preferences(config: RewardRunConfig, ctx: StepContext) -> dict:
 
 def build_pairs(config: RewardRunConfig, ctx: StepContext, preferences_path: str) -> dict:
     """Every ordered pair the rankings imply, split by record into train and held-out test."""
-    from tasks.preferences import load_pairs
-    from tasks.reward_model import split_pairs, write_pairs
+    from tasks.rewards.preferences import load_pairs
+    from tasks.rewards.reward_model import split_pairs, write_pairs
 
     paths = layout(config, ctx)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("build_pairs"))
@@ -111,8 +111,8 @@ def build_pairs(config: RewardRunConfig, ctx: StepContext, preferences_path: str
 
 def train(config: RewardRunConfig, ctx: StepContext) -> dict:
     """TRL's RewardTrainer on the training pairs; its logs go to MLflow under ``train/``."""
-    from tasks.models import resolve_device
-    from tasks.reward_model import read_pairs, train_reward_model
+    from tasks.io.models import resolve_device
+    from tasks.rewards.reward_model import read_pairs, train_reward_model
 
     paths = layout(config, ctx)
     pairs = read_pairs(_require(paths.train_pairs, "build_pairs"))
@@ -130,8 +130,8 @@ def train(config: RewardRunConfig, ctx: StepContext) -> dict:
 
 def evaluate(config: RewardRunConfig, ctx: StepContext) -> dict:
     """Held-out pairwise accuracy and margin, the model scoring exactly as it will as PPO's reward."""
-    from tasks.models import resolve_device
-    from tasks.reward_model import evaluate_pairs, read_pairs
+    from tasks.io.models import resolve_device
+    from tasks.rewards.reward_model import evaluate_pairs, read_pairs
 
     paths = layout(config, ctx)
     pairs = read_pairs(_require(paths.test_pairs, "build_pairs"))
@@ -189,8 +189,8 @@ def register(config: RewardRunConfig, ctx: StepContext, decision: dict) -> dict:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    from tasks.registry import register_pyfunc
-    from tasks.reward_model import read_pairs
+    from tasks.registry.model_registry import register_pyfunc
+    from tasks.rewards.reward_model import SERVING_CODE, read_pairs
 
     paths = layout(config, ctx)
     if not decision.get("register"):
@@ -199,7 +199,7 @@ def register(config: RewardRunConfig, ctx: StepContext, decision: dict) -> dict:
     example = read_pairs(paths.test_pairs)[0]
     fingerprint = tracking.client().get_run(run_id).data.params.get("data/fingerprint", "")
     result = register_pyfunc(
-        run_id, paths.model, Path(__file__).with_name("reward_serving.py"),
+        run_id, paths.model, SERVING_CODE,
         ModelSignature(inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "response")]),
                        outputs=Schema([ColSpec("double")])),
         pd.DataFrame({"prompt": [example.prompt], "response": [example.chosen]}),

@@ -6,13 +6,13 @@ then copies the final checkpoint's adapter into the run's ppo/ folder. ``ppo_tra
 calls it in the task's own process when there is one device to train on. With several
 (``ppo.num_processes``, by default one per visible GPU) it writes the job to a file and runs
 
-    python -m torch.distributed.run --standalone --nproc-per-node N -m tasks.ppo_workers <job.json>
+    python -m torch.distributed.run --standalone --nproc-per-node N -m tasks.rl.workers <job.json>
 
 Every process then runs :func:`train_ppo` with an ``accelerate.Accelerator``, which joins
 the processes (NCCL on GPUs, gloo on CPU) and gives each its device. Each process holds the
 whole policy and samples ``batch_size / N`` prompts of every step; the gradients are averaged
 over the processes before each optimizer step, so the replicas stay identical
-(:class:`tasks.ppo.PPOTrainer`, which checks this at the end). The first process writes the
+(:class:`tasks.rl.trainer.PPOTrainer`, which checks this at the end). The first process writes the
 checkpoints. The task's process stays the only one that talks to MLflow: while the workers
 train it logs the step metrics of each new checkpoint (:func:`launch_workers`).
 """
@@ -76,9 +76,10 @@ def train_ppo(job: PPOJob, accelerator=None, on_checkpoint: Callable[[list[dict]
     """Train the job's policy, resuming from its newest checkpoint (in every process of a
     data-parallel job); returns the metrics of every step. The trained adapter is in the newest
     checkpoint (:func:`publish`)."""
-    from tasks.data import load_prepared
-    from tasks.pipeline import classifier, policy_loading
-    from tasks.ppo import PPOTrainer, ValueHead, build_policy, latest_checkpoint
+    from tasks.io.dialogues import load_prepared
+    from tasks.io.models import classifier, policy_loading
+    from tasks.rl.policy import ValueHead, build_policy
+    from tasks.rl.trainer import PPOTrainer, latest_checkpoint
 
     config = job.run_config
     device = accelerator.device if accelerator is not None else torch.device(job.device)
@@ -106,8 +107,8 @@ def train_ppo(job: PPOJob, accelerator=None, on_checkpoint: Callable[[list[dict]
 def publish(job: PPOJob) -> None:
     """Copy the final checkpoint's adapter, value head and trainer state into the run's ppo/ folder,
     the run's PPO output (the adapter folder is swapped in whole)."""
-    from tasks.fsutil import replace_dir
-    from tasks.ppo import latest_checkpoint
+    from tasks.io.fsutil import replace_dir
+    from tasks.rl.trainer import latest_checkpoint
 
     final, out_dir = latest_checkpoint(job.checkpoints), Path(job.out_dir)
     staging = out_dir / ".adapter-publishing"
@@ -124,14 +125,14 @@ def launch_workers(
     """Run ``job`` in ``processes`` processes under torchrun and wait for them; returns the metrics
     of every step, from the final checkpoint. ``on_checkpoint(history)`` runs here, in the
     caller's process, for each checkpoint the workers write."""
-    from tasks.ppo import checkpoint_history, latest_checkpoint
+    from tasks.rl.trainer import checkpoint_history, latest_checkpoint
 
     out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     job_file = out_dir / "ppo-job.json"
     job_file.write_text(json.dumps(asdict(job), indent=2))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "tasks.ppo_workers", str(job_file)]
+               "-m", "tasks.rl.workers", str(job_file)]
     logger.info("PPO on %d processes: %s", processes, " ".join(command))
     env = dict(os.environ)
     if job.device == "cpu":  # the processes share the cores
@@ -155,7 +156,7 @@ def launch_workers(
 
 
 def _report_new_checkpoint(job: PPOJob, seen: Path | None, on_checkpoint) -> Path | None:
-    from tasks.ppo import checkpoint_history, latest_checkpoint
+    from tasks.rl.trainer import checkpoint_history, latest_checkpoint
 
     newest = latest_checkpoint(job.checkpoints)
     if newest is not None and newest != seen and on_checkpoint is not None:
@@ -172,7 +173,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """One process of a data-parallel job (started by torchrun): ``python -m tasks.ppo_workers <job.json>``."""
+    """One process of a data-parallel job (started by torchrun): ``python -m tasks.rl.workers <job.json>``."""
     from accelerate import Accelerator
 
     argv = sys.argv[1:] if argv is None else argv

@@ -26,8 +26,8 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from tasks.config import EvalSettings, RunConfig
-from tasks.models import RewardModel, pad_prompts, sample, special_tokens
-from tasks.stats import ChangeInterval, paired_bootstrap
+from tasks.evaluation.stats import ChangeInterval, paired_bootstrap
+from tasks.io.models import RewardModel, pad_prompts, sample, special_tokens
 
 logger = logging.getLogger(__name__)
 

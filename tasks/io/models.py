@@ -4,7 +4,7 @@ Models are read as safetensors only; ``trust_remote_code`` stays off unless the 
 config turns it on. A name is a local folder, a Hugging Face Hub repository (the Hub
 path needs network, or ``HF_ENDPOINT`` pointing at a Hub mirror; the embedded default
 never takes it), or ``s3://bucket/prefix`` of a model mirrored in a bucket
-(:func:`tasks.storage.mirrored_model`).
+(:func:`tasks.io.s3.mirrored_model`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from transformers import (
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from tasks.config import EvalSettings, GenerationSettings
-from tasks.storage import mirrored_model
+from tasks.config import EvalSettings, GenerationSettings, RunConfig
+from tasks.io.s3 import mirrored_model
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class RewardModel:
     * a classifier with named labels (the seeds' hate-speech RoBERTa): the reward is
       ``reward_label``'s logit on the response, the toxicity ``toxic_label``'s probability;
       labels are looked up by name in ``id2label``, never by a hard-coded index;
-    * a model with a single output, trained from preference pairs (:mod:`tasks.reward_model`):
+    * a model with a single output, trained from preference pairs (:mod:`tasks.rewards.reward_model`):
       it saw each pair as prompt + response, so it scores exactly that, and its one logit
       is the reward. It has no toxicity.
 
@@ -390,3 +390,26 @@ def load_reward_tokenizer(name: str, trust_remote_code: bool = False):
     tokenizer = AutoTokenizer.from_pretrained(mirrored_model(name), trust_remote_code=trust_remote_code)
     tokenizer.truncation_side = "left"
     return tokenizer
+
+
+def policy_loading(config: RunConfig) -> dict:
+    """How the policy is loaded, as keyword arguments of ``load_policy`` and ``build_policy``."""
+    return {
+        "trust_remote_code": config.model.trust_remote_code,
+        "family": config.model.policy_family,
+        "load_in_4bit": config.model.load_in_4bit,
+        "compute_dtype": config.model.bnb_4bit_compute_dtype,
+        "eos_token": config.model.eos_token,
+    }
+
+
+def classifier(config: RunConfig, name: str, device: torch.device) -> RewardModel:
+    """The classifier ``name`` (a reward or toxicity model) with the run's labels and batch size."""
+    return RewardModel(
+        name,
+        reward_label=config.model.reward_label,
+        toxic_label=config.model.toxic_label,
+        batch_size=config.model.reward_batch_size,
+        device=device,
+        trust_remote_code=config.model.trust_remote_code,
+    )

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from tasks.evaluation import comparison_table  # noqa: E402
+from tasks.evaluation.protocol import comparison_table  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -15,30 +15,14 @@ from pathlib import Path
 
 import torch
 
-from tasks import tracking
 from tasks.config import RunConfig
-from tasks.data import load_prepared
-from tasks.evaluation import eval_fingerprint, sample_count
-from tasks.models import RewardModel, load_policy, resolve_device
+from tasks.evaluation.protocol import eval_fingerprint, sample_count
+from tasks.io.dialogues import load_prepared
+from tasks.io.models import RewardModel, classifier, load_policy, policy_loading, resolve_device
+from tasks.registry import tracking
+from tasks.steps.context import StepContext
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """Who is running: the run key names the artifact folder and the MLflow run."""
-
-    run_key: str
-    dag_id: str = "detox_retrain"
-    try_number: int = 1
-
-    def tags(self, step: str) -> dict[str, str]:
-        return {
-            "airflow.dag_id": self.dag_id,
-            "airflow.run_id": self.run_key,
-            "airflow.try_number": str(self.try_number),
-            f"{step}.try_number": str(self.try_number),
-        }
 
 
 @dataclass(frozen=True)
@@ -103,8 +87,8 @@ def layout(config: RunConfig, ctx: StepContext) -> RunLayout:
 def prepare_dataset(config: RunConfig, ctx: StepContext) -> dict:
     from transformers import AutoTokenizer
 
-    from tasks.data import prepare_dataset as build
-    from tasks.storage import mirrored_model
+    from tasks.io.dialogues import prepare_dataset as build
+    from tasks.io.s3 import mirrored_model
 
     paths = layout(config, ctx)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("prepare_dataset"))
@@ -124,7 +108,7 @@ def prepare_dataset(config: RunConfig, ctx: StepContext) -> dict:
 
 
 def download_adapter(config: RunConfig, ctx: StepContext) -> dict:
-    from tasks.storage import download_adapter as fetch
+    from tasks.io.s3 import download_adapter as fetch
 
     paths = layout(config, ctx)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("download_adapter"))
@@ -158,7 +142,7 @@ def champion_eval(config: RunConfig, ctx: StepContext, dataset_uri: str | None =
     tags; one measured under another protocol (other prompts, seeds, settings or scorers)
     is downloaded from the registry and evaluated again, so the comparison stays paired.
     """
-    from tasks.registry import champion_version
+    from tasks.registry.model_registry import champion_version
 
     paths = layout(config, ctx)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("champion_eval"))
@@ -198,7 +182,7 @@ def evaluate_registered(config: RunConfig, ctx: StepContext, model: str) -> dict
     Runs this run's prepare_dataset step first when its data set is not there yet; results
     go to the run folder under ``audit/<name>-v<version>`` and to the MLflow run under ``audit/``.
     """
-    from tasks.registry import resolve_version
+    from tasks.registry.model_registry import resolve_version
 
     paths = layout(config, ctx)
     version = resolve_version(model, config.registered_model_name)
@@ -223,7 +207,7 @@ def _evaluate_registered(config: RunConfig, version, splits, out_dir: Path) -> d
     """A registered version under the protocol; its downloaded weights are removed afterwards."""
     import shutil
 
-    from tasks.registry import SERVING_CONFIG, download_merged
+    from tasks.registry.model_registry import SERVING_CONFIG, download_merged
 
     device = resolve_device(config.device)
     download = out_dir / "model"
@@ -260,7 +244,7 @@ def _evaluate_step(config: RunConfig, ctx: StepContext, prefix: str, adapters: l
 
 def _score(config: RunConfig, model, tokenizer, test_split, device: torch.device, out_dir: Path, desc: str):
     """One policy under the evaluation protocol, with this config's toxicity scorer and judge."""
-    from tasks.evaluation import evaluate_policy, load_judge
+    from tasks.evaluation.protocol import evaluate_policy, load_judge
 
     return evaluate_policy(
         model, tokenizer, test_split, _toxicity_model(config, device),
@@ -278,9 +262,9 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
     is unreachable training goes on and the metrics wait in the checkpoints; if it is still
     unreachable at the end the task fails, and its retry only logs what is missing.
     """
-    from tasks.ppo import checkpoint_step, latest_checkpoint
-    from tasks.ppo_workers import PPOJob, launch_workers, processes_for, publish, train_ppo
-    from tasks.reward_model import resolve_reward_model
+    from tasks.rewards.reward_model import resolve_reward_model
+    from tasks.rl.trainer import checkpoint_step, latest_checkpoint
+    from tasks.rl.workers import PPOJob, launch_workers, processes_for, publish, train_ppo
 
     paths = layout(config, ctx)
     run_id = tracking.open_run(config, ctx.run_key, ctx.tags("ppo_train"))
@@ -326,8 +310,8 @@ def ppo_train(config: RunConfig, ctx: StepContext, dataset_uri: str | None = Non
 def promotion_check(config: RunConfig, ctx: StepContext, baseline: dict | None = None,
                     candidate: dict | None = None, champion: dict | None = None) -> dict:
     """The gate on this run's paired evaluations (and the champion's); decision and reasons logged."""
-    from tasks.evaluation import compare, load_samples
-    from tasks.promotion import decide
+    from tasks.evaluation.gate import decide
+    from tasks.evaluation.protocol import compare, load_samples
 
     paths = layout(config, ctx)
     baseline = baseline or _read_json(paths.baseline_eval / "result.json", "baseline_eval")
@@ -404,7 +388,7 @@ def record_approval(config: RunConfig, ctx: StepContext, response: dict) -> dict
 
 def register_model(config: RunConfig, ctx: StepContext, decision: dict | None = None,
                    adapter_dir: str | None = None, ppo_adapter_dir: str | None = None) -> dict:
-    from tasks.registry import ANY_CHAMPION, merge_policy, register
+    from tasks.registry.model_registry import ANY_CHAMPION, merge_policy, register
 
     paths = layout(config, ctx)
     decision = decision or _read_json(paths.decision, "promotion_check")
@@ -463,8 +447,8 @@ def skip_registration(config: RunConfig, ctx: StepContext, decision: dict | None
 def report(config: RunConfig, ctx: StepContext) -> dict:
     """The run's reports (HTML table, PNG plots, JSON summary) as MLflow artifacts; the summary is
     returned and printed to the task log."""
-    from tasks.evaluation import load_samples
-    from tasks.reports import write_reports
+    from tasks.evaluation.protocol import load_samples
+    from tasks.evaluation.reports import write_reports
 
     paths = layout(config, ctx)
     decision = _read_json(paths.decision, "promotion_check")
@@ -504,33 +488,11 @@ def _read_json(path: Path, producer: str) -> dict:
     return json.loads(path.read_text())
 
 
-def policy_loading(config: RunConfig) -> dict:
-    """How the policy is loaded, as keyword arguments of ``load_policy`` and ``build_policy``."""
-    return {
-        "trust_remote_code": config.model.trust_remote_code,
-        "family": config.model.policy_family,
-        "load_in_4bit": config.model.load_in_4bit,
-        "compute_dtype": config.model.bnb_4bit_compute_dtype,
-        "eos_token": config.model.eos_token,
-    }
-
-
 def _toxicity_model(config: RunConfig, device: torch.device) -> RewardModel:
     """The classifier that measures toxicity (``model.toxicity_model_name``, else the reward model)."""
     scorer = classifier(config, config.model.toxicity_scorer, device)
     scorer.label_index(config.model.toxic_label)  # a model without the label fails here, not after generating
     return scorer
-
-
-def classifier(config: RunConfig, name: str, device: torch.device) -> RewardModel:
-    return RewardModel(
-        name,
-        reward_label=config.model.reward_label,
-        toxic_label=config.model.toxic_label,
-        batch_size=config.model.reward_batch_size,
-        device=device,
-        trust_remote_code=config.model.trust_remote_code,
-    )
 
 
 def run_all(config: RunConfig, ctx: StepContext) -> dict:

@@ -18,8 +18,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from tasks.config import PromotionSettings
-from tasks.evaluation import relative_change
-from tasks.stats import ChangeInterval
+from tasks.evaluation.protocol import relative_change
+from tasks.evaluation.stats import ChangeInterval
 
 # Keeps a change of exactly a configured bound from failing on float rounding.
 _EPS = 1e-9

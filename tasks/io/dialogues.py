@@ -24,7 +24,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 from tasks.config import DataConfig
 from tasks.errors import InputError
-from tasks.fsutil import replace_dir
+from tasks.io.fsutil import replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class PreparedDataset:
 def load_rows(source: str, split: str = "train", cache_dir: Path | None = None) -> pd.DataFrame:
     """Rows of ``source`` as a DataFrame: local file, ``s3://`` object, or Hub data set name."""
     if source.startswith("s3://"):
-        from tasks.storage import download_file
+        from tasks.io.s3 import download_file
 
         target_dir = Path(cache_dir or tempfile.mkdtemp(prefix="detox-data-"))
         local = download_file(source, target_dir / Path(source).name)

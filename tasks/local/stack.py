@@ -38,8 +38,8 @@ from typing import Any
 
 import requests
 
-from tasks.demo import DAG_ID, DAGS_FOLDER, demo_environment
-from tasks.local_s3 import DUMMY_CREDENTIAL, REGION, LocalS3Server, free_port
+from tasks.io.s3_server import DUMMY_CREDENTIAL, REGION, LocalS3Server, free_port
+from tasks.local.demo import DAG_ID, DAGS_FOLDER, demo_environment
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +262,9 @@ def _upload_demo_inputs(home: Path, s3: LocalS3Server) -> None:
     import boto3
 
     from tasks.config import DEMO_PREFERENCES_URI, RunConfig
-    from tasks.embedded import build_embedded_default, build_embedded_reward
-    from tasks.storage import parse_s3_uri, upload_directory
+    from tasks.embedded.builds import build_embedded_default
+    from tasks.embedded.reward import build_embedded_reward
+    from tasks.io.s3 import parse_s3_uri, upload_directory
 
     embedded = build_embedded_default(home)
     preferences = build_embedded_reward(home).preferences

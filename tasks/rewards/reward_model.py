@@ -2,12 +2,12 @@
 
 Training is TRL's ``RewardTrainer`` (loss −log σ(r_chosen − r_rejected), Bradley–Terry)
 on a sequence classifier with ``num_labels=1``. The pairs are tokenized here, not by
-TRL, with the very call that scores texts during PPO (:class:`tasks.models.RewardModel`):
+TRL, with the very call that scores texts during PPO (:class:`tasks.io.models.RewardModel`):
 prompt + response as one text, cut on the left when too long. So the model is trained,
 evaluated and used as reward on identical inputs.
 
 A trained model is a ``save_pretrained`` folder holding :data:`REWARD_MARKER`; registered
-in MLflow (see :mod:`tasks.reward_serving`), it is named as the reward of
+in MLflow (see :mod:`tasks.rewards.serving`), it is named as the reward of
 ``detox_retrain`` by its registry URI, ``models:/<name>@champion``.
 """
 
@@ -25,14 +25,16 @@ from pathlib import Path
 import torch
 
 from tasks.config import RewardTrainingSettings
-from tasks.fsutil import replace_dir
-from tasks.models import RewardModel, load_reward_tokenizer
-from tasks.preferences import Pair
-from tasks.storage import mirrored_model
+from tasks.io.fsutil import replace_dir
+from tasks.io.models import RewardModel, load_reward_tokenizer
+from tasks.io.s3 import mirrored_model
+from tasks.rewards.preferences import Pair
 
 logger = logging.getLogger(__name__)
 
 REWARD_MARKER = "detox_reward.json"
+# The pyfunc a registered reward model is logged with ("models from code": logged as a file, never imported here).
+SERVING_CODE = Path(__file__).with_name("serving.py")
 
 
 def split_pairs(pairs: Sequence[Pair], test_size: float, seed: int) -> tuple[list[Pair], list[Pair]]:
@@ -188,7 +190,7 @@ def resolve_reward_model(reference: str, dest: Path) -> tuple[str, dict]:
     """
     if not reference.startswith("models:/"):
         return reference, {"reward.model": reference}
-    from tasks.registry import download_model_dir, resolve_version
+    from tasks.registry.model_registry import download_model_dir, resolve_version
 
     pin = dest.with_name(f"{dest.name}.json")
     if pin.is_file():

@@ -1,7 +1,7 @@
 """Registration of a promoted policy in the MLflow model registry.
 
 The SFT and PPO adapters are merged into the base weights, saved with
-``save_pretrained`` and logged as a pyfunc model (see :mod:`tasks.serving`); the new
+``save_pretrained`` and logged as a pyfunc model (see :mod:`tasks.registry.serving`); the new
 version gets the champion alias only once the registry reports it READY.
 
 Registration is safe to retry and to run concurrently: a retried task reuses the version
@@ -29,11 +29,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from tasks import tracking
 from tasks.config import RunConfig
 from tasks.errors import InputError
-from tasks.fsutil import replace_dir
-from tasks.models import load_policy
+from tasks.io.fsutil import replace_dir
+from tasks.io.models import load_policy
+from tasks.registry import tracking
 
 logger = logging.getLogger(__name__)
 

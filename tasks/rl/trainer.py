@@ -1,23 +1,10 @@
 """PPO with a KL penalty for a seq2seq or causal policy trained through a LoRA adapter.
 
-Written to be checked line by line against the papers it follows:
-
-* Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"
-  (per-token KL penalty, adaptive KL controller);
-* Huang et al. 2023, "The N Implementation Details of RLHF with PPO"
-  (score at the last response token, whitened advantages, clipped value loss,
-  dropout off, temperature-scaled log-probs);
-* CleanRL's ``ppo.py`` for the names (``logratio``, ``ratio``, ``pg_loss1/2``,
-  ``approx_kl``, ``clipfrac``).
-
-The file reads top to bottom: pure tensor functions, KL controllers, the value
-head, model building, the trainer. Shapes: ``B`` samples, ``T`` response tokens.
-A ``mask`` is 1.0 on response tokens (up to and including the first EOS) and 0.0
-on padding; every masked function ignores the positions where it is 0.
-
-The reference policy of the KL penalty is the same model with the PPO adapter
-switched off (:func:`reference_policy`), so the weights exist once in memory.
+The trainer reads top to bottom: rollout (sample, score, log-probs and values under the
+policy and the reference), update (mini-batch epochs over the rollout), checkpointing.
+Its math is :mod:`tasks.rl.ppo_math`, its model :mod:`tasks.rl.policy`.
 """
+
 
 from __future__ import annotations
 
@@ -27,39 +14,43 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-import torch.nn.functional as F
 from peft import (
-    LoraConfig,
     PeftModel,
-    TaskType,
-    get_peft_model,
-    prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
-from peft.tuners.lora import Linear as LoraLinear
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutput
 
-from tasks.config import ConfigError, GenerationSettings, LoraSettings, PPOSettings, check_batch_split
-from tasks.fsutil import replace_dir
-from tasks.models import (
-    load_base_policy,
-    load_policy,
-    load_tokenizer,
+from tasks.config import ConfigError, GenerationSettings, PPOSettings, check_batch_split
+from tasks.io.fsutil import replace_dir
+from tasks.io.models import (
     pad_prompts,
-    policy_family,
     sample,
     special_tokens,
+)
+from tasks.rl.policy import PPO_ADAPTER, ValueHead, disable_dropout, folded_adapters, is_quantized, reference_policy
+from tasks.rl.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_gae,
+    entropy_from_logits,
+    explained_variance,
+    masked_mean,
+    per_token_rewards,
+    policy_loss,
+    token_logprobs,
+    value_loss,
+    whiten,
 )
 
 if TYPE_CHECKING:
@@ -67,7 +58,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-KLEstimator = Literal["k1", "abs", "mse", "k3"]
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 """(responses, prompts) -> one reward per response, a [B] tensor; both decoded, special tokens skipped."""
 
@@ -75,459 +65,6 @@ RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 class PPOTrainingError(RuntimeError):
     """Training diverged: a non-finite reward or loss, or the policy drifted past the KL ceiling."""
 
-
-# ---------------------------------------------------------------------------------------------
-# Pure tensor functions
-# ---------------------------------------------------------------------------------------------
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``values`` over the positions where ``mask`` is 1 (over ``dim``, or over all)."""
-    mask = mask.to(values.dtype)
-    if dim is None:
-        return (values * mask).sum() / mask.sum()
-    return (values * mask).sum(dim) / mask.sum(dim)
-
-
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of ``values`` over the masked positions; ``unbiased`` applies Bessel's correction."""
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    if unbiased:
-        count = mask.sum()
-        if count < 2:
-            raise ValueError(f"unbiased variance needs at least 2 masked values, got {int(count)}")
-        variance = variance * count / (count - 1)
-    return variance
-
-
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """Scale ``values`` to unit variance over the mask, and to zero mean when ``shift_mean``.
-
-    With ``shift_mean=False`` the mean is kept, only the spread is normalised. Positions
-    outside the mask come back as 0.
-    """
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return whitened * mask.to(values.dtype)
-
-
-def compute_gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized Advantage Estimation (Schulman et al. 2016) by a reverse scan over tokens.
-
-    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``,
-    with ``V`` and ``A`` taken as 0 past the last valid token (the episode ends there,
-    no bootstrapping). Returns ``(advantages, returns)`` with ``returns = advantages + values``,
-    both [B, T] and 0 outside the mask.
-    """
-    mask = mask.to(values.dtype)
-    rewards, values = rewards * mask, values * mask
-    num_tokens = rewards.shape[1]
-    lastgaelam = torch.zeros_like(rewards[:, 0])
-    advantages_reversed = []
-    for t in reversed(range(num_tokens)):
-        nextvalues = values[:, t + 1] if t < num_tokens - 1 else torch.zeros_like(values[:, t])
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam = (delta + gamma * lam * lastgaelam) * mask[:, t]
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    returns = (advantages + values) * mask
-    return advantages, returns
-
-
-def kl_penalty(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1"
-) -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs.
-
-    ``k1``: log p - log q (unbiased, can be negative); ``abs``: its absolute value;
-    ``mse``: 0.5 * (log p - log q)^2; ``k3``: (q/p - 1) - log(q/p), unbiased and
-    non-negative (joschu.net/blog/kl-approx.html).
-    """
-    logratio = logprobs - ref_logprobs
-    if estimator == "k1":
-        return logratio
-    if estimator == "abs":
-        return logratio.abs()
-    if estimator == "mse":
-        return 0.5 * logratio**2
-    if estimator == "k3":
-        return torch.expm1(-logratio) + logratio
-    raise ValueError(f"unknown KL estimator {estimator!r}: expected 'k1', 'abs', 'mse' or 'k3'")
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``log softmax(logits / temperature)`` at ``tokens``: [B, T, V] logits, [B, T] tokens -> [B, T].
-
-    Computed as ``logit[token] - logsumexp(logits)``, one sample at a time, in float32. The
-    vocabulary-wide temporaries (the scaled logits, their exponentials, the backward pass's
-    softmax) then exist for one sample, never for the whole batch, and no [B, T, V]
-    log-softmax is kept for the backward pass: with a 32k vocabulary these dominate the
-    update's memory. TRL's ``selective_log_softmax`` does the same.
-    """
-    rows = []
-    for row_logits, row_tokens in zip(logits, tokens, strict=True):
-        row_logits = row_logits.float()
-        if temperature != 1.0:
-            row_logits = row_logits / temperature
-        picked = torch.gather(row_logits, -1, row_tokens.unsqueeze(-1)).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    return torch.stack(rows)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of ``softmax(logits / temperature)`` at each position, [B, T, V] -> [B, T], one
-    sample at a time (as :func:`token_logprobs`); for logging, so no gradient."""
-    rows = []
-    with torch.no_grad():
-        for row_logits in logits:
-            logprobs = F.log_softmax(row_logits.float() / temperature, dim=-1)
-            rows.append(-(logprobs.exp() * logprobs).sum(dim=-1))
-    return torch.stack(rows)
-
-
-def policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    cliprange: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate objective, as a loss to minimise, averaged over masked tokens.
-
-    Returns ``(pg_loss, clipfrac, approx_kl)``: ``clipfrac`` is the share of tokens where
-    the clipped term is the active one, ``approx_kl`` = mean 0.5 * logratio^2, an estimate
-    of KL(old || new) (joschu.net/blog/kl-approx.html; Huang et al. log the same).
-    """
-    logratio = logprobs - old_logprobs
-    ratio = torch.exp(logratio)
-    pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
-    clipfrac = masked_mean((pg_loss2 > pg_loss1).to(logprobs.dtype), mask)
-    approx_kl = masked_mean(0.5 * logratio**2, mask)
-    return pg_loss, clipfrac, approx_kl
-
-
-def value_loss(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    cliprange_value: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss: 0.5 * mean of max((V - R)^2, (V_clipped - R)^2) over masked tokens.
-
-    ``V_clipped`` keeps the new prediction within ``cliprange_value`` of the rollout's.
-    Returns ``(vf_loss, vf_clipfrac)``.
-    """
-    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    v_loss_unclipped = (values - returns) ** 2
-    v_loss_clipped = (v_clipped - returns) ** 2
-    vf_loss = 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mask)
-    vf_clipfrac = masked_mean((v_loss_clipped > v_loss_unclipped).to(values.dtype), mask)
-    return vf_loss, vf_clipfrac
-
-
-def per_token_rewards(
-    scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    kl_coef: float,
-    kl_estimator: KLEstimator = "k1",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ziegler et al.'s reward: ``-kl_coef * KL`` on every token, plus the score on the last one.
-
-    ``scores`` [B] land on each row's last valid response token. Returns
-    ``(rewards, non_score_reward)``, both [B, T] and 0 outside the mask.
-    """
-    mask = mask.to(logprobs.dtype)
-    lengths = mask.sum(dim=1)
-    if bool((lengths == 0).any()):
-        raise ValueError("every response needs at least one valid token")
-    non_score_reward = -kl_coef * kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    last_index = (mask * positions).argmax(dim=1)  # last position where the mask is 1
-    rewards = non_score_reward.clone()
-    rewards[torch.arange(mask.shape[0], device=mask.device), last_index] += scores.to(rewards.dtype)
-    return rewards, non_score_reward
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns) over masked tokens; NaN when returns are constant.
-
-    1 is a perfect value function, 0 no better than a constant, negative worse.
-    """
-    var_returns = masked_var(returns, mask, unbiased=False)
-    if var_returns == 0:
-        return math.nan
-    return float(1.0 - masked_var(returns - values, mask, unbiased=False) / var_returns)
-
-
-# ---------------------------------------------------------------------------------------------
-# KL controllers
-# ---------------------------------------------------------------------------------------------
-
-
-class AdaptiveKLController:
-    """Ziegler et al. 2019, section 2.2: steer the KL coefficient towards a target KL.
-
-    ``e = clip(KL / target - 1, -0.2, 0.2)`` and ``beta <- beta * (1 + e * n_steps / horizon)``.
-    """
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value = init_kl_coef
-        self.target = target
-        self.horizon = horizon
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        """Move the coefficient after ``n_steps`` samples whose mean sequence KL was ``current_kl``."""
-        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "adaptive", "value": self.value, "target": self.target, "horizon": self.horizon}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "adaptive":
-            raise ValueError(f"not an adaptive KL controller state: {state!r}")
-        self.value, self.target, self.horizon = (
-            float(state["value"]),
-            float(state["target"]),
-            int(state["horizon"]),
-        )
-
-
-class FixedKLController:
-    """A constant KL coefficient; ``update`` does nothing."""
-
-    def __init__(self, kl_coef: float):
-        self.value = kl_coef
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        """Keep the coefficient."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "fixed", "value": self.value}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "fixed":
-            raise ValueError(f"not a fixed KL controller state: {state!r}")
-        self.value = float(state["value"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Value head
-# ---------------------------------------------------------------------------------------------
-
-
-class ValueHead(nn.Module):
-    """Scalar value per decoder position: Linear(hidden_size, 1) on the last decoder hidden state.
-
-    ``init_std`` = 0 starts from zeros, so the first values are 0 and the first value-loss
-    gradient never pushes on the shared trunk. ``dropout`` only acts in train mode, which
-    :class:`PPOTrainer` does not use.
-    """
-
-    def __init__(self, hidden_size: int, init_std: float = 0.0, dropout: float = 0.0):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.summary = nn.Linear(hidden_size, 1)
-        if init_std == 0:
-            nn.init.zeros_(self.summary.weight)
-        else:
-            nn.init.normal_(self.summary.weight, std=init_std)
-        nn.init.zeros_(self.summary.bias)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[B, T, hidden_size] -> [B, T] in the head's dtype (float32 even under a bf16 policy)."""
-        hidden_states = hidden_states.to(self.summary.weight.dtype)
-        return self.summary(self.dropout(hidden_states)).squeeze(-1)
-
-
-def load_value_head(path: Path) -> ValueHead:
-    """A value head saved by :meth:`PPOTrainer.save` (``value_head.safetensors``)."""
-    state = load_file(str(path))
-    head = ValueHead(state["summary.weight"].shape[1])
-    head.load_state_dict(state)
-    return head
-
-
-# ---------------------------------------------------------------------------------------------
-# Model building
-# ---------------------------------------------------------------------------------------------
-
-PPO_ADAPTER = "default"  # peft's default name: save_pretrained writes it at the folder's top level
-SFT_ADAPTER = "sft"
-
-
-def build_policy(
-    policy_name: str,
-    sft_adapter_dir: Path | None,
-    lora: LoraSettings,
-    device: str | torch.device,
-    trust_remote_code: bool = False,
-    family: str = "auto",
-    load_in_4bit: bool = False,
-    compute_dtype: str = "float16",
-    merge_sft: bool | None = None,
-    eos_token: str | None = None,
-) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """The PPO policy: the base model (seq2seq or causal), the SFT adapter, a fresh LoRA adapter on top.
-
-    By default the SFT adapter is merged into the weights (``merge_and_unload``), so disabling
-    the PPO adapter gives the SFT policy. A 4-bit base (QLoRA) cannot take a merge: there the
-    SFT adapter stays loaded as a frozen adapter named ``sft`` and the reference switches only
-    the PPO adapter off (see :func:`reference_policy`). Either way the base weights exist once
-    in memory and only the PPO adapter's parameters are trainable.
-    """
-    resolved = policy_family(policy_name, family, trust_remote_code)
-    merge_sft = (not load_in_4bit) if merge_sft is None else merge_sft
-    if load_in_4bit and merge_sft:
-        raise ValueError("an SFT adapter cannot be merged into a 4-bit base; leave merge_sft unset")
-    lora_config = LoraConfig(
-        task_type=TaskType.SEQ_2_SEQ_LM if resolved == "seq2seq" else TaskType.CAUSAL_LM,
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules) if lora.target_modules else None,
-    )
-    if merge_sft or sft_adapter_dir is None:
-        adapters = [Path(sft_adapter_dir)] if sft_adapter_dir is not None else []
-        model, tokenizer = load_policy(
-            policy_name, adapters, "cpu", trust_remote_code, resolved, load_in_4bit, compute_dtype, eos_token
-        )
-        if load_in_4bit:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        policy = get_peft_model(model, lora_config, adapter_name=PPO_ADAPTER)
-    else:
-        tokenizer = load_tokenizer(policy_name, resolved, trust_remote_code, eos_token)
-        model = load_base_policy(policy_name, resolved, load_in_4bit, compute_dtype, trust_remote_code)
-        if load_in_4bit:
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        policy = PeftModel.from_pretrained(model, str(sft_adapter_dir), adapter_name=SFT_ADAPTER, is_trainable=False)
-        policy.add_adapter(PPO_ADAPTER, lora_config)
-        _activate_policy_adapters(policy)
-        logger.info("SFT adapter %s kept as the frozen adapter %r", sft_adapter_dir, SFT_ADAPTER)
-    if not _is_quantized(policy):
-        policy.to(device)
-    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in policy.parameters())
-    logger.info(
-        "PPO LoRA adapter on a %s policy: %d trainable of %d parameters (%.2f%%)",
-        resolved, trainable, total, 100 * trainable / total,
-    )
-    return policy, tokenizer
-
-
-def _frozen_adapters(policy: PeftModel) -> list[str]:
-    return [name for name in policy.peft_config if name != PPO_ADAPTER]
-
-
-def _activate_policy_adapters(policy: PeftModel) -> None:
-    """Frozen adapters and the PPO adapter all on, only the PPO adapter trainable."""
-    frozen = _frozen_adapters(policy)
-    policy.base_model.set_adapter([*frozen, PPO_ADAPTER])
-    if frozen:
-        policy.set_requires_grad(frozen, requires_grad=False)
-
-
-@contextmanager
-def reference_policy(policy: PeftModel) -> Iterator[None]:
-    """Inside the block ``policy`` is the reference of the KL penalty: the PPO adapter is off.
-
-    With the SFT adapter merged that is ``disable_adapter()``; with a frozen SFT adapter
-    (4-bit bases) the SFT adapter alone stays active.
-    """
-    frozen = _frozen_adapters(policy)
-    if not frozen:
-        with policy.disable_adapter():
-            yield
-        return
-    policy.base_model.set_adapter(frozen, inference_mode=True)
-    try:
-        yield
-    finally:
-        _activate_policy_adapters(policy)
-
-
-@contextmanager
-def folded_adapters(policy: PeftModel, modules: nn.Module) -> Iterator[None]:
-    """Inside the block the LoRA layers under ``modules`` run as plain linear layers whose weight
-    is a copy with the active adapters folded in, ``W + scaling * B @ A``: one matmul per layer
-    instead of three plus the adapter's bookkeeping (about 15% of a decoding step of the demo
-    policy on a CPU; on a GPU, kernel launches saved at every step).
-
-    The original weight tensors are put back untouched when the block ends (peft's
-    ``merge_adapter``/``unmerge_adapter`` would add and subtract the update in place, and
-    rounding would move the reference's weights a little every step). The copies cost the
-    memory of the adapted weights under ``modules`` (for a seq2seq sampler, the decoder's) for the
-    duration of the block. Layers outside ``modules``, and layers whose adapters are switched off
-    (:func:`reference_policy`), are left as they are. Nothing is folded on a quantized base, or
-    when a layer is not a plain LoRA linear layer (DoRA and other variants, a LoRA bias).
-
-    The sum is taken in float32 and rounded once to the weight's dtype, so a low-precision weight
-    does not lose the update's small entries. Every ``requires_grad`` flag under ``modules`` comes
-    back as it was: peft's ``enable_adapters`` marks every active adapter trainable, a frozen SFT
-    adapter's too.
-    """
-    layers = [module for module in modules.modules() if isinstance(module, LoraLinear)]
-    if _is_quantized(policy) or any(
-        type(layer) is not LoraLinear or layer.lora_variant or any(layer.lora_bias.values()) for layer in layers
-    ):
-        yield
-        return
-    requires_grad = {param: param.requires_grad for layer in layers for param in layer.parameters()}
-    folded_layers: list[tuple[LoraLinear, nn.Parameter]] = []
-    try:
-        with torch.no_grad():
-            for layer in layers:
-                active = [name for name in layer.active_adapters if name in layer.lora_A]
-                if layer.disable_adapters or not active:
-                    continue
-                base = layer.get_base_layer()
-                folded = base.weight.detach().to(torch.float32, copy=True)
-                for name in active:
-                    folded += _lora_delta(layer, name)
-                folded_layers.append((layer, base.weight))
-                base.weight = nn.Parameter(folded.to(base.weight.dtype), requires_grad=False)
-                layer.enable_adapters(False)  # the layer now runs its base layer alone
-        yield
-    finally:
-        for layer, weight in folded_layers:
-            layer.get_base_layer().weight = weight
-            layer.enable_adapters(True)
-        for param, flag in requires_grad.items():
-            param.requires_grad_(flag)
-
-
-def _lora_delta(layer: LoraLinear, name: str) -> torch.Tensor:
-    """``scaling * B @ A`` of one adapter of a LoRA linear layer, in float32, shaped like the base weight
-    (peft's ``get_delta_weight``, which computes in the adapter's dtype)."""
-    delta = (layer.lora_B[name].weight.float() @ layer.lora_A[name].weight.float()) * layer.scaling[name]
-    return delta.T if layer.fan_in_fan_out else delta
-
-
-def disable_dropout(model: nn.Module) -> None:
-    """Dropout off for good, whatever the mode: ``nn.Dropout`` modules (LoRA's included) and the
-    probabilities attention layers pass to functional dropout (T5's ``dropout``, Llama's
-    ``attention_dropout``)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        for name in ("dropout", "attention_dropout", "dropout_rate"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
-
-
-def _is_quantized(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, "hf_quantizer", None) is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,14 +115,14 @@ class PPOTrainer:
 
     ``reward_fn`` maps decoded responses and their prompts to one score each (a [B] tensor),
     in one call per rollout: a classifier reward reads the responses, a preference reward
-    model prompt + response (:class:`tasks.models.RewardModel`). The reference
+    model prompt + response (:class:`tasks.io.models.RewardModel`). The reference
     policy is ``policy`` with its PPO adapter switched off (:func:`reference_policy`).
     The policy stays in eval mode and its dropout modules (LoRA's included) are switched
     off, so the first mini-batch's ratio is exactly 1 (Huang et al.). With
     ``ppo.gradient_checkpointing`` the update runs in train mode, the only mode in which
     transformers checkpoints; dropout stays off.
 
-    With an ``accelerator`` of several processes (:mod:`tasks.ppo_workers`) training is data
+    With an ``accelerator`` of several processes (:mod:`tasks.rl.workers`) training is data
     parallel: each process takes its share of every batch (the same prompts, in the same
     order, as one process would), samples with its own random stream, and applies the mean of
     all processes' gradients. ``ppo.mini_batch_size`` counts samples over all processes, so the
@@ -612,7 +149,7 @@ class PPOTrainer:
         accelerator: Accelerator | None = None,
     ):
         self.device = torch.device(device)
-        # Data parallelism (tasks.ppo_workers): every process holds the whole policy, samples its
+        # Data parallelism (tasks.rl.workers): every process holds the whole policy, samples its
         # share of each batch, and the gradients are averaged before each optimizer step.
         self.accelerator = accelerator
         self.rank = accelerator.process_index if accelerator is not None else 0
@@ -624,7 +161,7 @@ class PPOTrainer:
         # This process's rows of each mini-batch, and of each micro-batch within it.
         self.mini_batch_rows = ppo.mini_batch_size // self.processes
         self.micro_batch_rows = self.mini_batch_rows // ppo.gradient_accumulation_steps
-        self.policy = policy if _is_quantized(policy) else policy.to(self.device)
+        self.policy = policy if is_quantized(policy) else policy.to(self.device)
         self.value_head = value_head.to(self.device)
         self.tokenizer = tokenizer
         self.reward_fn = reward_fn
@@ -753,7 +290,7 @@ class PPOTrainer:
 
         Each sample gets its own length budget in [min_new_tokens, max_new_tokens] (the seeds'
         LengthSampler) without a per-sample ``generate``: the batch decodes together and each
-        row leaves the batch at its EOS or its budget (:func:`tasks.models.sample`).
+        row leaves the batch at its EOS or its budget (:func:`tasks.io.models.sample`).
         """
         return self._generate_and_score(prompt_input_ids)[0]
 

@@ -132,7 +132,7 @@ def load_pairs(source: str, cache_dir: Path | None = None) -> PairSet:
     if source.startswith("s3://"):
         import tempfile
 
-        from tasks.storage import download_file
+        from tasks.io.s3 import download_file
 
         target = Path(cache_dir or tempfile.mkdtemp(prefix="detox-prefs-")) / Path(source).name
         path = download_file(source, target)

@@ -19,20 +19,16 @@ from contextlib import closing, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks import tracking
 from tasks.config import DEMO_PREFERENCES_URI, RewardRunConfig, RunConfig, detox_home
-from tasks.embedded import (
-    EmbeddedPaths,
-    build_embedded_causal,
-    build_embedded_default,
-    build_embedded_reward,
-    causal_paths,
-)
-from tasks.fsutil import exclusive_lock
+from tasks.embedded.builds import EmbeddedPaths, build_embedded_default
+from tasks.embedded.causal import build_embedded_causal, causal_paths
+from tasks.embedded.reward import build_embedded_reward
+from tasks.io.fsutil import exclusive_lock
+from tasks.registry import tracking
 
 logger = logging.getLogger(__name__)
 
-DAGS_FOLDER = Path(__file__).resolve().parents[1] / "dags"
+DAGS_FOLDER = Path(__file__).resolve().parents[2] / "dags"
 DAG_ID = "detox_retrain"
 REWARD_DAG_ID = "reward_model_train"
 
@@ -63,8 +59,8 @@ def demo_services(home: Path | None = None, causal: bool = False) -> Iterator[Em
     With ``causal`` the tiny Llama policy is built too and its SFT adapter uploaded to
     :data:`CAUSAL_ADAPTER_URI` (see :func:`causal_overrides`).
     """
-    from tasks.local_s3 import LocalS3Server
-    from tasks.storage import parse_s3_uri, s3_client, upload_directory
+    from tasks.io.s3 import parse_s3_uri, s3_client, upload_directory
+    from tasks.io.s3_server import LocalS3Server
 
     home = (home or detox_home()).resolve()
     os.environ.update(demo_environment(home))
@@ -118,7 +114,7 @@ def run_demo(
 
 def run_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict:
     """One run of ``detox_retrain`` on the demo profile (inside :func:`demo_services`); its report."""
-    from tasks import pipeline
+    from tasks.steps import detox_retrain as pipeline
 
     config = RunConfig.for_profile("demo", overrides)
     run_key, log_path = _run(DAG_ID, config, engine, overrides or {}, pipeline.run_all)
@@ -127,7 +123,7 @@ def run_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict
 
 def run_reward_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict:
     """One run of ``reward_model_train`` on the demo profile (inside :func:`demo_services`); its outcome."""
-    from tasks import reward_pipeline
+    from tasks.steps import reward_model_train as reward_pipeline
 
     config = RewardRunConfig.for_profile("demo", overrides)
     run_key, log_path = _run(REWARD_DAG_ID, config, engine, overrides or {}, reward_pipeline.run_all)
@@ -141,7 +137,7 @@ def _run(dag_id: str, config, engine: str, overrides: dict, run_all) -> tuple[st
         return _run_dag(dag_id, config, started, overrides)
     if engine != "local":
         raise ValueError(f"unknown engine {engine!r}: expected 'airflow' or 'local'")
-    from tasks.pipeline import StepContext
+    from tasks.steps.context import StepContext
 
     run_key = f"local__{started.strftime('%Y%m%dT%H%M%S%f')}"
     run_all(config, StepContext(run_key=run_key, dag_id=dag_id))

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks import tracking
 from tasks.config import PROMPT_TEMPLATE
 from tasks.errors import InputError
-from tasks.preferences import pairs_from_ranking
-from tasks.storage import parse_s3_uri, s3_client
+from tasks.io.s3 import parse_s3_uri, s3_client
+from tasks.registry import tracking
+from tasks.rewards.preferences import pairs_from_ranking
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def run_report(run_key: str, max_rows: int | None = None) -> RunReport:
         report.decision = json.loads(_download_text(run.info.run_id, "promotion/decision.json"))
     report.plots = [name for name in PLOTS if name in logged]
     if {"baseline/samples.jsonl", "eval/samples.jsonl"} <= logged:
-        from tasks.evaluation import comparison_table
+        from tasks.evaluation.protocol import comparison_table
 
         table = comparison_table(_samples(run.info.run_id, "baseline/samples.jsonl"),
                                  _samples(run.info.run_id, "eval/samples.jsonl"))
@@ -377,7 +377,7 @@ def _sign(value: int) -> int:
 
 
 def _ensure_bucket(client, bucket: str) -> None:
-    from tasks.storage import _ensure_bucket as ensure
+    from tasks.io.s3 import _ensure_bucket as ensure
 
     ensure(client, bucket)
 

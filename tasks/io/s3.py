@@ -4,7 +4,7 @@ models mirrored in S3.
 Plain boto3. The endpoint comes from the standard ``AWS_ENDPOINT_URL_S3`` /
 ``AWS_ENDPOINT_URL`` variables (or ``endpoint_url``) and credentials from boto3's
 usual chain, so the same code talks to AWS S3, MinIO or the loopback moto server
-of the embedded default (:mod:`tasks.local_s3`).
+of the embedded default (:mod:`tasks.io.s3_server`).
 
 The adapter download is defensive: an adapter comes from another team's bucket and
 is loaded into the policy, so it is checked before it lands in ``dest`` — no path
@@ -34,7 +34,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from s3transfer.exceptions import RetriesExceededError
 
 from tasks.errors import InputError
-from tasks.fsutil import replace_dir
+from tasks.io.fsutil import replace_dir
 
 logger = logging.getLogger(__name__)
 
