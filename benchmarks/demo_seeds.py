@@ -51,25 +51,25 @@ def run_seeds(seeds: list[int], overrides: dict, home: Path | None) -> list[dict
     from tasks.config import RunConfig
     from tasks.local.demo import demo_services
     from tasks.rl.trainer import checkpoint_history, latest_checkpoint
-    from tasks.steps import detox_retrain as pipeline
+    from tasks.steps import detox_retrain
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     rows = []
     with demo_services(home):
         shared_config = RunConfig.for_profile("demo", {"experiment_name": EXPERIMENT, **overrides})
-        shared = pipeline.StepContext(run_key=f"demo-seeds-{stamp}-shared")
-        data = pipeline.prepare_dataset(shared_config, shared)
-        adapter = pipeline.download_adapter(shared_config, shared)
-        baseline = pipeline.baseline_eval(shared_config, shared, data["dataset_uri"], adapter["adapter_dir"])
+        shared = detox_retrain.StepContext(run_key=f"demo-seeds-{stamp}-shared")
+        data = detox_retrain.prepare_dataset(shared_config, shared)
+        adapter = detox_retrain.download_adapter(shared_config, shared)
+        baseline = detox_retrain.baseline_eval(shared_config, shared, data["dataset_uri"], adapter["adapter_dir"])
         for seed in seeds:
             config = RunConfig.for_profile("demo", {"experiment_name": EXPERIMENT, **overrides, "ppo.seed": seed})
-            ctx = pipeline.StepContext(run_key=f"demo-seeds-{stamp}-seed{seed}")
+            ctx = detox_retrain.StepContext(run_key=f"demo-seeds-{stamp}-seed{seed}")
             started = time.perf_counter()
-            ppo = pipeline.ppo_train(config, ctx, data["dataset_uri"], adapter["adapter_dir"])
+            ppo = detox_retrain.ppo_train(config, ctx, data["dataset_uri"], adapter["adapter_dir"])
             seconds = time.perf_counter() - started
-            candidate = pipeline.evaluate(config, ctx, data["dataset_uri"], adapter["adapter_dir"],
+            candidate = detox_retrain.evaluate(config, ctx, data["dataset_uri"], adapter["adapter_dir"],
                                           ppo["ppo_adapter_dir"])
-            history = checkpoint_history(latest_checkpoint(pipeline.layout(config, ctx).ppo / "checkpoints"))
+            history = checkpoint_history(latest_checkpoint(detox_retrain.layout(config, ctx).ppo / "checkpoints"))
             last = history[-5:]
             rows.append({
                 "seed": seed,

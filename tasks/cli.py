@@ -165,7 +165,7 @@ def _fail(err: BaseException) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> dict | None:
-    from tasks.steps import detox_retrain as pipeline
+    from tasks.steps import detox_retrain
     from tasks.steps.context import StepContext
 
     if args.command == "demo":
@@ -180,11 +180,11 @@ def _dispatch(args: argparse.Namespace) -> dict | None:
         with demo_services():
             return run_reward_pipeline(args.engine, parse_overrides(args.set))
     if args.command == "reward-train":
-        from tasks.steps import reward_model_train as reward_pipeline
+        from tasks.steps import reward_model_train
 
         config = load_config(args, RewardRunConfig)
         ctx = StepContext(run_key=args.run_id, dag_id="cli")
-        return reward_pipeline.run_all(config, ctx)
+        return reward_model_train.run_all(config, ctx)
     if args.command == "up":
         from tasks.config import detox_home
         from tasks.local.stack import up
@@ -208,13 +208,13 @@ def _dispatch(args: argparse.Namespace) -> dict | None:
         from datetime import UTC, datetime
 
         run_key = args.run_id or f"audit-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}"
-        return pipeline.evaluate_registered(config, StepContext(run_key=run_key, dag_id="cli"), args.model)
+        return detox_retrain.evaluate_registered(config, StepContext(run_key=run_key, dag_id="cli"), args.model)
     if not args.run_id:
         raise ValueError(f"detox {args.command} needs --run-id")
     ctx = StepContext(run_key=args.run_id, dag_id="cli")
     if args.command == "run":
-        return pipeline.run_all(config, ctx)
-    return getattr(pipeline, args.command.replace("-", "_"))(config, ctx)
+        return detox_retrain.run_all(config, ctx)
+    return getattr(detox_retrain, args.command.replace("-", "_"))(config, ctx)
 
 
 def format_report(report: dict) -> str:

@@ -158,11 +158,11 @@ def test_promotion_keeps_the_replaced_champion_as_previous(first_promotion):
 
 
 def test_missing_adapter_in_s3_is_a_clear_error(demo):
-    from tasks.steps import detox_retrain as pipeline
+    from tasks.steps import detox_retrain
 
     config = RunConfig.for_profile("demo", {"model.sft_adapter_uri": "s3://detox-demo/adapters/does-not-exist"})
     with pytest.raises(AdapterDownloadError, match="no adapter found at s3://detox-demo/adapters/does-not-exist"):
-        pipeline.download_adapter(config, pipeline.StepContext(run_key="missing-adapter"))
+        detox_retrain.download_adapter(config, detox_retrain.StepContext(run_key="missing-adapter"))
     assert not config.run_dir("missing-adapter").joinpath("adapters", "sft").exists()
 
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from tasks.config import RunConfig
 from tasks.io.s3_server import free_port
 from tasks.registry import tracking
-from tasks.steps import detox_retrain as pipeline
+from tasks.steps import detox_retrain
 
 pytestmark = pytest.mark.slow
 
@@ -37,11 +37,11 @@ def steps_in_mlflow(config: RunConfig) -> list[int]:
 
 def test_ppo_train_on_two_processes_then_resumed_on_two(demo):
     config = RunConfig.for_profile("demo", {"ppo.steps": 2, "ppo.checkpoint_every": 1, "ppo.num_processes": 2})
-    ctx = pipeline.StepContext(run_key=RUN_KEY)
-    pipeline.prepare_dataset(config, ctx)
-    pipeline.download_adapter(config, ctx)
+    ctx = detox_retrain.StepContext(run_key=RUN_KEY)
+    detox_retrain.prepare_dataset(config, ctx)
+    detox_retrain.download_adapter(config, ctx)
 
-    result = pipeline.ppo_train(config, ctx)
+    result = detox_retrain.ppo_train(config, ctx)
 
     assert result["steps"] == 2 and result["resumed_from_step"] is None
     ppo_dir = config.run_dir(RUN_KEY) / "ppo"
@@ -59,7 +59,7 @@ def test_ppo_train_on_two_processes_then_resumed_on_two(demo):
     assert run.data.tags["ppo.processes"] == "2"
 
     longer = config.model_copy(update={"ppo": config.ppo.model_copy(update={"steps": 3})})
-    resumed = pipeline.ppo_train(longer, ctx)
+    resumed = detox_retrain.ppo_train(longer, ctx)
 
     assert resumed["steps"] == 3 and resumed["resumed_from_step"] == 2
     assert steps_in_mlflow(config) == list(range(3))  # none repeated, none lost

@@ -78,7 +78,7 @@ def test_detox_retrain_with_the_registered_reward_lowers_toxicity_under_the_judg
 
 
 def test_preferences_without_a_usable_pair_fail_before_training(demo, tmp_path):
-    from tasks.steps import reward_model_train as reward_pipeline
+    from tasks.steps import reward_model_train
 
     bad = tmp_path / "rankings.jsonl"
     bad.write_text("\n".join(json.dumps(record) for record in [
@@ -90,5 +90,5 @@ def test_preferences_without_a_usable_pair_fail_before_training(demo, tmp_path):
     ctx = StepContext(run_key="no-usable-pairs", dag_id="reward_model_train")
     with pytest.raises(PreferenceError, match=r"no usable preference pair.*line 1: 2 ranks for 3 responses.*"
                                               r"line 2: empty response text"):
-        reward_pipeline.load_preferences(config, ctx)
+        reward_model_train.load_preferences(config, ctx)
     assert not (config.run_dir(ctx.run_key) / "pairs").exists()

@@ -114,19 +114,19 @@ def run_demo(
 
 def run_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict:
     """One run of ``detox_retrain`` on the demo profile (inside :func:`demo_services`); its report."""
-    from tasks.steps import detox_retrain as pipeline
+    from tasks.steps import detox_retrain
 
     config = RunConfig.for_profile("demo", overrides)
-    run_key, log_path = _run(DAG_ID, config, engine, overrides or {}, pipeline.run_all)
+    run_key, log_path = _run(DAG_ID, config, engine, overrides or {}, detox_retrain.run_all)
     return {**run_report(config, run_key), **({"dag_log": str(log_path)} if log_path else {})}
 
 
 def run_reward_pipeline(engine: str = "airflow", overrides: dict | None = None) -> dict:
     """One run of ``reward_model_train`` on the demo profile (inside :func:`demo_services`); its outcome."""
-    from tasks.steps import reward_model_train as reward_pipeline
+    from tasks.steps import reward_model_train
 
     config = RewardRunConfig.for_profile("demo", overrides)
-    run_key, log_path = _run(REWARD_DAG_ID, config, engine, overrides or {}, reward_pipeline.run_all)
+    run_key, log_path = _run(REWARD_DAG_ID, config, engine, overrides or {}, reward_model_train.run_all)
     return {**reward_report(config, run_key), **({"dag_log": str(log_path)} if log_path else {})}
 
 

@@ -18,7 +18,7 @@ from tasks.io.dialogues import DataError
 from tasks.io.s3 import parse_s3_uri, s3_client
 from tasks.local.demo import ensure_airflow_db
 from tasks.registry import tracking
-from tasks.steps import detox_retrain as pipeline
+from tasks.steps import detox_retrain
 
 pytestmark = pytest.mark.slow
 
@@ -104,9 +104,9 @@ def upload(case: str) -> str:
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
 def test_unusable_data_sets_fail_prepare_dataset_and_write_nothing(demo, case):
     config = RunConfig.for_profile("demo", {"data.source": upload(case)})
-    ctx = pipeline.StepContext(run_key=f"bad-data-{case}")
+    ctx = detox_retrain.StepContext(run_key=f"bad-data-{case}")
     with pytest.raises(DataError, match=BAD_DATA[case][1]):
-        pipeline.prepare_dataset(config, ctx)
+        detox_retrain.prepare_dataset(config, ctx)
     assert not (config.run_dir(ctx.run_key) / "data").exists()
 
 

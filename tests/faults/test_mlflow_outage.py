@@ -12,7 +12,7 @@ import pytest
 from tasks.config import RunConfig
 from tasks.registry import tracking
 from tasks.registry.tracking import TrackingUnavailableError
-from tasks.steps import detox_retrain as pipeline
+from tasks.steps import detox_retrain
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +42,9 @@ def runs_for(config: RunConfig, run_key: str) -> list:
 def test_training_outlives_an_mlflow_outage_and_the_retry_continues_the_same_run(mlflow_behind_proxy):
     proxy = mlflow_behind_proxy
     config = RunConfig.for_profile("demo", OVERRIDES)
-    ctx = pipeline.StepContext(run_key=RUN_KEY)
-    data = pipeline.prepare_dataset(config, ctx)
-    adapter = pipeline.download_adapter(config, ctx)
+    ctx = detox_retrain.StepContext(run_key=RUN_KEY)
+    data = detox_retrain.prepare_dataset(config, ctx)
+    adapter = detox_retrain.download_adapter(config, ctx)
     checkpoints = config.run_dir(RUN_KEY) / "ppo" / "checkpoints"
 
     def take_mlflow_down_after_the_first_checkpoint():
@@ -56,7 +56,7 @@ def test_training_outlives_an_mlflow_outage_and_the_retry_continues_the_same_run
     cutter = threading.Thread(target=take_mlflow_down_after_the_first_checkpoint)
     cutter.start()
     with pytest.raises(TrackingUnavailableError) as raised:
-        pipeline.ppo_train(config, ctx, data["dataset_uri"], adapter["adapter_dir"])
+        detox_retrain.ppo_train(config, ctx, data["dataset_uri"], adapter["adapter_dir"])
     cutter.join()
     message = str(raised.value)
     assert "PPO finished all 4 steps" in message and proxy.url in message
@@ -65,11 +65,11 @@ def test_training_outlives_an_mlflow_outage_and_the_retry_continues_the_same_run
 
     # While MLflow is down, a step fails at once, naming the server, and writes nothing.
     with pytest.raises(TrackingUnavailableError, match=proxy.url):
-        pipeline.download_adapter(config, pipeline.StepContext(run_key="fault-mlflow-down"))
+        detox_retrain.download_adapter(config, detox_retrain.StepContext(run_key="fault-mlflow-down"))
     assert not config.run_dir("fault-mlflow-down").exists()
 
     proxy.up()
-    result = pipeline.ppo_train(config, ctx, data["dataset_uri"], adapter["adapter_dir"])
+    result = detox_retrain.ppo_train(config, ctx, data["dataset_uri"], adapter["adapter_dir"])
 
     assert result["steps"] == 4 and result["resumed_from_step"] == 4  # nothing trained twice
     runs = runs_for(config, RUN_KEY)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tasks.config import RunConfig
 from tasks.registry import tracking
 from tasks.rl.trainer import latest_checkpoint
-from tasks.steps import detox_retrain as pipeline
+from tasks.steps import detox_retrain
 
 pytestmark = pytest.mark.slow
 
@@ -33,9 +33,9 @@ def ppo_train_command(run_key: str) -> list[str]:
 
 def prepare(run_key: str) -> RunConfig:
     config = RunConfig.for_profile("demo", OVERRIDES)
-    ctx = pipeline.StepContext(run_key=run_key)
-    pipeline.prepare_dataset(config, ctx)
-    pipeline.download_adapter(config, ctx)
+    ctx = detox_retrain.StepContext(run_key=run_key)
+    detox_retrain.prepare_dataset(config, ctx)
+    detox_retrain.download_adapter(config, ctx)
     return config
 
 

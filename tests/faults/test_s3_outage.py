@@ -19,7 +19,7 @@ from tasks.config import RunConfig
 from tasks.io.s3 import Backoff, S3UnavailableError, download_adapter, download_file, s3_client, upload_directory
 from tasks.io.s3_server import LocalS3Server
 from tasks.registry import tracking
-from tasks.steps import detox_retrain as pipeline
+from tasks.steps import detox_retrain
 
 FAST = Backoff(attempts=8, first_delay_s=0.25, max_delay_s=1.0)
 
@@ -83,7 +83,7 @@ def test_the_download_step_survives_an_outage(s3_behind_proxy, monkeypatch, capl
     restorer = bring_back_after(s3_behind_proxy, 1.5)
 
     with caplog.at_level(logging.WARNING, logger="tasks.io.s3"):
-        result = pipeline.download_adapter(config, pipeline.StepContext(run_key="fault-s3-outage"))
+        result = detox_retrain.download_adapter(config, detox_retrain.StepContext(run_key="fault-s3-outage"))
     restorer.join()
 
     assert (config.run_dir("fault-s3-outage") / "adapters" / "sft" / "adapter_model.safetensors").is_file()
@@ -101,7 +101,7 @@ def test_the_retry_policy_comes_from_the_environment(s3_behind_proxy, monkeypatc
     s3_behind_proxy.down()
 
     with caplog.at_level(logging.WARNING, logger="tasks.io.s3"), pytest.raises(S3UnavailableError) as raised:
-        pipeline.download_adapter(config, pipeline.StepContext(run_key="fault-s3-policy"))
+        detox_retrain.download_adapter(config, detox_retrain.StepContext(run_key="fault-s3-policy"))
 
     assert "3 attempts failed" in str(raised.value)
     waits = [message.split("retrying in ")[1] for message in retry_warnings(caplog)]
