@@ -179,13 +179,6 @@ class PPOSettings(_Section):
         description="Adam learning rate of the value head, its own parameter group: a linear probe on the "
         "policy's detached hidden states, which at the policy's rate would stay near its zero start.",
     )
-    lr_schedule: Literal["constant", "linear"] = Field(
-        "constant",
-        description="'linear': both learning rates fall linearly over ppo.steps, from their value at the first "
-        "step to 1/steps of it at the last (CleanRL's and Huang et al.'s annealing), so the run ends on small "
-        "updates instead of on whichever large late step it stopped at. A resume follows the step count; a "
-        "resume that changes ppo.steps changes the rest of the schedule.",
-    )
     batch_size: int = Field(16, gt=0, description="Prompts per rollout (one PPO step), over all processes.")
     mini_batch_size: int = Field(
         4,

@@ -409,7 +409,6 @@ class PPOTrainer:
         raw_advantages_mean = float(masked_mean(advantages, mask))
         advantages = self._whiten(advantages, mask)
 
-        learning_rates = self._anneal_learning_rates()
         # Optimise: ppo_epochs passes over shuffled mini-batches, each one optimizer step made of
         # gradient_accumulation_steps micro-batches in every process.
         self.policy.train(ppo.gradient_checkpointing)
@@ -473,8 +472,6 @@ class PPOTrainer:
             "eos_share": float(rollout.ended.float().mean()),
             "kl": mean_kl,
             "kl_coef": kl_coef,
-            "learning_rate": learning_rates["policy"],
-            "value_learning_rate": learning_rates["value"],
             "entropy": float(masked_mean(rollout.entropy, mask)),
             **{name: sum(vals) / len(vals) for name, vals in losses.items()},
             "returns_mean": float(masked_mean(returns, mask)),
@@ -497,17 +494,6 @@ class PPOTrainer:
         if self.processes == 1:
             return value
         return self.accelerator.reduce(value.detach().reshape(-1).clone(), reduction=reduction).reshape(value.shape)
-
-    def _anneal_learning_rates(self) -> dict[str, float]:
-        """Set this step's learning rate in each parameter group: the configured one, or with
-        ``ppo.lr_schedule='linear'`` that times ``1 - steps_done / steps`` (CleanRL's ``lrnow``)."""
-        fraction = 1.0
-        if self.ppo.lr_schedule == "linear":
-            fraction = max(0.0, 1.0 - self.steps_done / self.ppo.steps)
-        configured = {"policy": self.ppo.learning_rate, "value": self.ppo.value_learning_rate}
-        for group in self.optimizer.param_groups:
-            group["lr"] = configured[group["name"]] * fraction
-        return {group["name"]: group["lr"] for group in self.optimizer.param_groups}
 
     def _whiten(self, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """:func:`whiten` over the whole batch: the mean and variance of every process's masked values."""
@@ -574,9 +560,6 @@ class PPOTrainer:
             raise ValueError("no prompts to train on")
         if self.steps_done > total_steps:
             raise ValueError(f"already {self.steps_done} steps done, more than the {total_steps} asked for")
-        if self.ppo.lr_schedule == "linear" and total_steps > self.ppo.steps:
-            raise ValueError(f"ppo.lr_schedule 'linear' anneals to 0 over ppo.steps={self.ppo.steps}: "
-                             f"{total_steps} steps would train at learning rate 0 after it")
         if not self._restored and self.steps_done == 0:
             # The sampler draws from the global RNG; each process draws its own responses.
             torch.manual_seed(self.ppo.seed + self.rank)
