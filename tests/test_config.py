@@ -30,7 +30,7 @@ def test_unknown_fields_are_named():
     ("overrides", "message"),
     [
         ({"ppo.batch_size": 10, "ppo.mini_batch_size": 4}, "ppo.batch_size 10 must be a multiple of ppo.mini_batch"),
-        ({"ppo.num_processes": 3}, "ppo.mini_batch_size 8 cannot be split into ppo.num_processes=3 x "
+        ({"ppo.num_processes": 3}, "ppo.mini_batch_size 16 cannot be split into ppo.num_processes=3 x "
                                    "ppo.gradient_accumulation_steps=1 equal micro-batches"),
         ({"ppo.mini_batch_size": 8, "ppo.gradient_accumulation_steps": 3},
          "ppo.mini_batch_size 8 cannot be split into ppo.gradient_accumulation_steps=3"),
