@@ -30,6 +30,9 @@ LAYERS = [
 # that turn Airflow connections into credentials.
 ENTRY_POINTS = ["tasks.steps", "tasks.config", "tasks.errors", "tasks.io.connections"]
 MAX_LINES = 900
+# The embedded default is the demo's world: the pipeline never depends on it.
+DEMO_WORLD = "tasks.embedded"
+DEMO_WORLD_USERS = ["tasks.embedded", "tasks.local", "tasks.cli"]
 
 
 def module_name(path: Path) -> str:
@@ -128,6 +131,15 @@ def test_no_import_cycle_among_tasks_modules():
 
 def test_every_import_goes_down_the_layers():
     assert layer_violations(import_graph()) == []
+
+
+def test_only_the_demo_entry_points_import_the_embedded_world():
+    users = sorted(
+        module for module, targets in import_graph().items()
+        if any(target == DEMO_WORLD or target.startswith(DEMO_WORLD + ".") for target in targets)
+        and not any(module == user or module.startswith(user + ".") for user in DEMO_WORLD_USERS)
+    )
+    assert users == []
 
 
 def test_dags_and_plugins_use_the_entry_points_only():

@@ -5,6 +5,6 @@ and the data behind the review plugin (``review``).
 ``dags/`` and ``plugins/`` import from here (and ``tasks.config``, ``tasks.errors``,
 ``tasks.io.connections``), not from the layers below.
 
-May import: every layer below (``evaluation``, ``rewards``, ``rl``, ``registry``, ``embedded``,
-``io``, ``config``, ``errors``).
+May import: every layer below (``evaluation``, ``rewards``, ``rl``, ``registry``, ``io``, ``config``,
+``errors``), but not ``embedded``: the demo's world is for ``tasks.local`` and ``tasks.cli`` only.
 """
