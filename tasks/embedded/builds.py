@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.config import PROMPT_TEMPLATE, detox_home
-from tasks.embedded.world import _classifier_sentences, contains_insult, generate_dialogues
+from tasks.embedded.world import classifier_training_sentences, contains_insult, generate_dialogues
 from tasks.io.fsutil import exclusive_lock, replace_dir
 
 if TYPE_CHECKING:
@@ -88,13 +88,13 @@ class EmbeddedPaths:
         return self.root / "manifest.json"
 
 
-def _home(home: Path | None) -> Path:
+def resolve_home(home: Path | None) -> Path:
     return Path(home).expanduser().resolve() if home is not None else detox_home()
 
 
 def embedded_paths(home: Path | None = None) -> EmbeddedPaths:
     """The embedded default's file layout under ``home`` (default :func:`tasks.config.detox_home`)."""
-    return _layout(_home(home) / "embedded")
+    return _layout(resolve_home(home) / "embedded")
 
 
 def _layout(root: Path) -> EmbeddedPaths:
@@ -116,7 +116,7 @@ def build_embedded_default(home: Path | None = None, seed: int = 0, force: bool 
     paths = embedded_paths(home)
     required = (paths.dataset_csv, paths.policy_base / "config.json", paths.sft_adapter / "adapter_config.json",
                 paths.reward_model / "config.json")
-    _build_once(paths.root, BUILD_VERSION, seed, required, force,
+    build_once(paths.root, BUILD_VERSION, seed, required, force,
                 lambda staging: _build_into(staging, final=paths, seed=seed))
     return paths
 
@@ -140,14 +140,15 @@ def _build_into(staging: Path, final: EmbeddedPaths, seed: int) -> None:
 
     started = time.perf_counter()
     out = _layout(staging)
-    with _torch_settings():
+    with torch_settings():
         write_synthetic_dialogsum(out.dataset_csv, seed)
         logger.info("wrote %d synthetic dialogues to %s", DATASET_ROWS, final.dataset_csv)
 
         # The models learn from a separate stream of the same generator (see module docstring).
-        training_rows = generate_dialogues(random.Random(_substream(seed, "train")), 2400)
-        classifier_rows = generate_dialogues(random.Random(_substream(seed, "classifier")), 1200)
-        classifier_sentences = _classifier_sentences(random.Random(_substream(seed, "sentences")), classifier_rows)
+        training_rows = generate_dialogues(random.Random(substream(seed, "train")), 2400)
+        classifier_rows = generate_dialogues(random.Random(substream(seed, "classifier")), 1200)
+        sentence_rng = random.Random(substream(seed, "sentences"))
+        classifier_sentences = classifier_training_sentences(sentence_rng, classifier_rows)
         corpus = [PROMPT_TEMPLATE]
         corpus += [text for row in training_rows for text in (row["dialogue"], row["summary"])]
         corpus += [text for text, _ in classifier_sentences]
@@ -163,7 +164,7 @@ def _build_into(staging: Path, final: EmbeddedPaths, seed: int) -> None:
         sft_policy = _train_sft_adapter(policy, policy_tokenizer, training_rows, seed)
         sft_policy.peft_config["default"].base_model_name_or_path = str(out.policy_base)
         sft_policy.save_pretrained(out.sft_adapter, safe_serialization=True)
-        _point_adapter_at(out.sft_adapter, final.policy_base, seed)
+        point_adapter_at(out.sft_adapter, final.policy_base, seed)
 
         classifier_tokenizer = _classifier_tokenizer(corpus)
         torch.manual_seed(seed + 2)
@@ -203,7 +204,7 @@ def _build_in_place(root: Path, build: Callable[[Path], None]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _build_once(root: Path, version: int, seed: int, required: Sequence[Path], force: bool,
+def build_once(root: Path, version: int, seed: int, required: Sequence[Path], force: bool,
                 build: Callable[[Path], None]) -> None:
     """``build`` into ``root`` (see :func:`_build_in_place`) unless its manifest records this build
     ``version`` and ``seed`` and every ``required`` file exists; concurrent callers wait on a lock,
@@ -228,7 +229,7 @@ def _build_once(root: Path, version: int, seed: int, required: Sequence[Path], f
         _build_in_place(root, build)
 
 
-def _point_adapter_at(adapter_dir: Path, base_dir: Path, seed: int) -> None:
+def point_adapter_at(adapter_dir: Path, base_dir: Path, seed: int) -> None:
     """Name the base by its final absolute path (the adapter was saved next to the staging one)."""
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -243,13 +244,13 @@ def _point_adapter_at(adapter_dir: Path, base_dir: Path, seed: int) -> None:
     )
 
 
-def _substream(seed: int, name: str) -> int:
+def substream(seed: int, name: str) -> int:
     """A seed for one named random stream, independent of the others (stable across Python runs)."""
     return seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(name))
 
 
 @contextlib.contextmanager
-def _torch_settings() -> Iterator[None]:
+def torch_settings() -> Iterator[None]:
     """Deterministic algorithms, all CPU cores and a private RNG state for the build; the caller's come back."""
     import torch
 
@@ -275,7 +276,7 @@ _PRETOKEN_PATTERN = (
 VOCAB_SIZE = 2000
 
 
-def _train_bpe(corpus: Sequence[str], special_tokens: list[str]) -> Tokenizer:
+def train_bpe(corpus: Sequence[str], special_tokens: list[str]) -> Tokenizer:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -299,7 +300,7 @@ def _policy_tokenizer(corpus: Sequence[str]) -> PreTrainedTokenizerBase:
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = _train_bpe(corpus, ["<pad>", "</s>", "<unk>"])
+    tokenizer = train_bpe(corpus, ["<pad>", "</s>", "<unk>"])
     tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
@@ -314,7 +315,7 @@ def _classifier_tokenizer(corpus: Sequence[str]) -> PreTrainedTokenizerBase:
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = _train_bpe(corpus, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tokenizer = train_bpe(corpus, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
     )
@@ -348,7 +349,7 @@ def _policy_batches(
         return_offsets_mapping=True,
     )
     weights = [
-        _decision_weights(row["summary"], offsets)
+        decision_weights(row["summary"], offsets)
         for row, offsets in zip(rows, summaries["offset_mapping"], strict=True)
     ]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
@@ -368,7 +369,7 @@ def _policy_batches(
 DECISION_WEIGHT = 10.0
 
 
-def _decision_weights(summary: str, offsets: Sequence[tuple[int, int]]) -> list[float]:
+def decision_weights(summary: str, offsets: Sequence[tuple[int, int]]) -> list[float]:
     """Loss weight per summary token: :data:`DECISION_WEIGHT` on the first token after the first
     speaker tag (where the summary insults or not), 1 elsewhere."""
     decision_at = summary.find("#Person") + len("#Person1#")
@@ -403,7 +404,7 @@ def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return (token_loss * weights.flatten()).sum() / weights.sum()
 
 
-def _fit(
+def fit(
     model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], steps: int, learning_rate: float,
     seed: int, desc: str, warmup: int = 20,
 ) -> float:
@@ -471,7 +472,7 @@ def _train_policy_base(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[s
         eos_token_id=tokenizer.eos_token_id, max_new_tokens=MAX_SUMMARY_TOKENS,
     )
     batches = _policy_batches(tokenizer, rows, batch_size=24)
-    loss = _fit(model, batches, POLICY_BASE_STEPS, 3e-3, seed, "policy base")
+    loss = fit(model, batches, POLICY_BASE_STEPS, 3e-3, seed, "policy base")
     logger.info("policy base: %d parameters, final loss %.3f", model.num_parameters(), loss)
     return model
 
@@ -486,7 +487,7 @@ def _train_sft_adapter(
     )
     model = get_peft_model(base, lora)
     batches = _policy_batches(tokenizer, rows, batch_size=24)
-    loss = _fit(model, batches, POLICY_SFT_STEPS, 2e-3, seed + 1, "policy SFT adapter", warmup=10)
+    loss = fit(model, batches, POLICY_SFT_STEPS, 2e-3, seed + 1, "policy SFT adapter", warmup=10)
     logger.info("SFT adapter: final loss %.3f", loss)
     return model
 
@@ -527,7 +528,7 @@ def _train_classifier(
                             return_tensors="pt")
         batches.append({**encoded, "labels": torch.tensor([label for _, label in chunk])})
     steps = CLASSIFIER_EPOCHS * len(batches)
-    loss = _fit(model, batches, steps, 2e-3, seed + 2, "hate classifier")
+    loss = fit(model, batches, steps, 2e-3, seed + 2, "hate classifier")
     logger.info("hate classifier: %d parameters, final loss %.4f", model.num_parameters(), loss)
     return model
 
@@ -543,13 +544,13 @@ def _measure(
     import torch
     from rouge_score import rouge_scorer
 
-    heldout, groups = _heldout_groups(seed, per_group)
+    heldout, groups = heldout_groups(seed, per_group)
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     checks: dict[str, Any] = {}
     torch.manual_seed(seed + 3)
     all_samples = []
     for name, rows in groups.items():
-        samples = _sample_summaries(policy, policy_tokenizer, rows)
+        samples = sample_summaries(policy, policy_tokenizer, rows)
         all_samples += samples
         checks[f"sampled_insult_share_{name}"] = round(sum(map(contains_insult, samples)) / len(samples), 3)
         checks[f"sampled_rouge_l_{name}"] = round(
@@ -558,7 +559,7 @@ def _measure(
     checks["sample_heated"] = all_samples[0]
     checks["sample_calm"] = all_samples[-1]
 
-    sentences = _classifier_sentences(random.Random(_substream(seed, "heldout-sentences")), heldout)
+    sentences = classifier_training_sentences(random.Random(substream(seed, "heldout-sentences")), heldout)
     texts = [text for text, _ in sentences] + all_samples
     labels = [label for _, label in sentences] + [int(contains_insult(s)) for s in all_samples]
     hate_index = classifier.config.label2id["hate"]
@@ -578,9 +579,9 @@ def _measure(
     return checks
 
 
-def _heldout_groups(seed: int, per_group: int) -> tuple[list[dict[str, str]], dict[str, list[dict[str, str]]]]:
+def heldout_groups(seed: int, per_group: int) -> tuple[list[dict[str, str]], dict[str, list[dict[str, str]]]]:
     """Dialogues from a stream no model trains on, and ``per_group`` heated and calm ones of them."""
-    heldout = generate_dialogues(random.Random(_substream(seed, "heldout")), 6 * per_group)
+    heldout = generate_dialogues(random.Random(substream(seed, "heldout")), 6 * per_group)
     groups = {
         "heated": [r for r in heldout if contains_insult(r["summary"])][:per_group],
         "calm": [r for r in heldout if not contains_insult(r["summary"])][:per_group],
@@ -588,7 +589,7 @@ def _heldout_groups(seed: int, per_group: int) -> tuple[list[dict[str, str]], di
     return heldout, groups
 
 
-def _sample_summaries(policy: Any, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, str]]) -> list[str]:
+def sample_summaries(policy: Any, tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict[str, str]]) -> list[str]:
     """One sampled summary (pure sampling, at most 48 tokens) per row's dialogue, seq2seq or causal."""
     import torch
 

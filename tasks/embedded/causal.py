@@ -21,16 +21,16 @@ from tasks.config import PROMPT_TEMPLATE
 from tasks.embedded.builds import (
     MAX_PROMPT_TOKENS,
     MAX_SUMMARY_TOKENS,
-    _build_once,
-    _decision_weights,
-    _fit,
-    _heldout_groups,
-    _home,
-    _point_adapter_at,
-    _sample_summaries,
-    _substream,
-    _torch_settings,
-    _train_bpe,
+    build_once,
+    decision_weights,
+    fit,
+    heldout_groups,
+    point_adapter_at,
+    resolve_home,
+    sample_summaries,
+    substream,
+    torch_settings,
+    train_bpe,
 )
 from tasks.embedded.world import contains_insult, generate_dialogues
 
@@ -59,7 +59,7 @@ class CausalPaths:
 
 
 def causal_paths(home: Path | None = None) -> CausalPaths:
-    root = _home(home) / "embedded-causal"
+    root = resolve_home(home) / "embedded-causal"
     return CausalPaths(root=root, policy_base=root / "policy-base", sft_adapter=root / "policy-sft")
 
 
@@ -73,7 +73,7 @@ def build_embedded_causal(home: Path | None = None, seed: int = 0, force: bool =
     build for ``seed`` exists.
     """
     paths = causal_paths(home)
-    _build_once(paths.root, CAUSAL_BUILD_VERSION, seed, [paths.sft_adapter / "adapter_config.json"], force,
+    build_once(paths.root, CAUSAL_BUILD_VERSION, seed, [paths.sft_adapter / "adapter_config.json"], force,
                 lambda staging: _build_causal_into(staging, paths, seed))
     return paths
 
@@ -83,14 +83,14 @@ def _build_causal_into(staging: Path, final: CausalPaths, seed: int) -> None:
     from peft import LoraConfig, TaskType, get_peft_model
 
     started = time.perf_counter()
-    with _torch_settings():
-        training_rows = generate_dialogues(random.Random(_substream(seed, "train")), 2400)
+    with torch_settings():
+        training_rows = generate_dialogues(random.Random(substream(seed, "train")), 2400)
         corpus = [PROMPT_TEMPLATE] + [text for row in training_rows for text in (row["dialogue"], row["summary"])]
         tokenizer = _causal_tokenizer(corpus)
         batches = _causal_batches(tokenizer, training_rows, batch_size=24)
         torch.manual_seed(seed)
         base = _new_causal_policy(tokenizer)
-        loss = _fit(base, batches, CAUSAL_BASE_STEPS, 3e-3, seed, "causal policy base")
+        loss = fit(base, batches, CAUSAL_BASE_STEPS, 3e-3, seed, "causal policy base")
         logger.info("causal policy base: %d parameters, final loss %.3f", base.num_parameters(), loss)
         base.save_pretrained(staging / "policy-base", safe_serialization=True)
         tokenizer.save_pretrained(staging / "policy-base")
@@ -99,10 +99,10 @@ def _build_causal_into(staging: Path, final: CausalPaths, seed: int) -> None:
         lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.0,
                           target_modules=["q_proj", "v_proj"])
         sft = get_peft_model(base, lora)
-        loss = _fit(sft, batches, CAUSAL_SFT_STEPS, 2e-3, seed + 1, "causal SFT adapter", warmup=10)
+        loss = fit(sft, batches, CAUSAL_SFT_STEPS, 2e-3, seed + 1, "causal SFT adapter", warmup=10)
         logger.info("causal SFT adapter: final loss %.3f", loss)
         sft.save_pretrained(staging / "policy-sft", safe_serialization=True)
-        _point_adapter_at(staging / "policy-sft", final.policy_base, seed)
+        point_adapter_at(staging / "policy-sft", final.policy_base, seed)
         checks = _measure_causal(sft, tokenizer, seed)
     manifest = {
         "build_version": CAUSAL_BUILD_VERSION,
@@ -121,7 +121,7 @@ def _causal_tokenizer(corpus: Sequence[str]) -> PreTrainedTokenizerBase:
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = _train_bpe(corpus, ["<unk>", "<s>", "</s>"])
+    tokenizer = train_bpe(corpus, ["<unk>", "<s>", "</s>"])
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
@@ -173,7 +173,7 @@ def _causal_batches(
     sequences, labels, weights = [], [], []
     for row, prompt, ids, offsets in zip(rows, prompts, summaries["input_ids"], summaries["offset_mapping"],
                                          strict=True):
-        summary_weights = _decision_weights(row["summary"], offsets) + [1.0]  # the EOS
+        summary_weights = decision_weights(row["summary"], offsets) + [1.0]  # the EOS
         sequences.append(prompt + ids + [tokenizer.eos_token_id])
         labels.append([-100] * len(prompt) + ids + [tokenizer.eos_token_id])
         weights.append([0.0] * len(prompt) + summary_weights)
@@ -201,11 +201,11 @@ def _measure_causal(policy: Any, tokenizer: PreTrainedTokenizerBase, seed: int, 
     """Insult share of sampled summaries for heated and calm dialogues no model saw."""
     import torch
 
-    _, groups = _heldout_groups(seed, per_group)
+    _, groups = heldout_groups(seed, per_group)
     checks: dict[str, Any] = {}
     torch.manual_seed(seed + 3)
     for name, rows in groups.items():
-        samples = _sample_summaries(policy, tokenizer, rows)
+        samples = sample_summaries(policy, tokenizer, rows)
         checks[f"sampled_insult_share_{name}"] = round(sum(map(contains_insult, samples)) / len(samples), 3)
         checks[f"sample_{name}"] = samples[0]
     return checks

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.embedded.builds import _build_once, _home, _substream, _torch_settings, embedded_paths
+from tasks.embedded.builds import build_once, embedded_paths, resolve_home, substream, torch_settings
 from tasks.embedded.world import preference_records
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class RewardPaths:
 
 
 def reward_paths(home: Path | None = None) -> RewardPaths:
-    root = _home(home) / "embedded-reward"
+    root = resolve_home(home) / "embedded-reward"
     return RewardPaths(root=root, preferences=root / "preferences.jsonl", reward_base=root / "reward-base")
 
 
@@ -58,7 +58,7 @@ def build_embedded_reward(home: Path | None = None, seed: int = 0, force: bool =
     tokenizer_dir = embedded_paths(home).reward_model
     if not (tokenizer_dir / "tokenizer.json").exists():
         raise FileNotFoundError(f"{tokenizer_dir} has no tokenizer: build the embedded default first")
-    _build_once(paths.root, REWARD_BUILD_VERSION, seed, [paths.reward_base / "config.json"], force,
+    build_once(paths.root, REWARD_BUILD_VERSION, seed, [paths.reward_base / "config.json"], force,
                 lambda staging: _build_reward_into(staging, tokenizer_dir, seed))
     return paths
 
@@ -67,7 +67,7 @@ def _build_reward_into(staging: Path, tokenizer_dir: Path, seed: int) -> None:
     import torch
     from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
 
-    records = preference_records(random.Random(_substream(seed, "preferences")), PREFERENCE_RECORDS)
+    records = preference_records(random.Random(substream(seed, "preferences")), PREFERENCE_RECORDS)
     with open(staging / "preferences.jsonl", "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in records)
 
@@ -86,7 +86,7 @@ def _build_reward_into(staging: Path, tokenizer_dir: Path, seed: int) -> None:
         eos_token_id=tokenizer.eos_token_id,
         num_labels=1,
     )
-    with _torch_settings():
+    with torch_settings():
         torch.manual_seed(seed + 4)
         model = RobertaForSequenceClassification(config)
     model.save_pretrained(staging / "reward-base", safe_serialization=True)

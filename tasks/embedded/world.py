@@ -10,7 +10,7 @@ words. A template names a slot as ``{slot}``, or ``{Slot}`` for its value capita
 grammar stays in code: :func:`generate_dialogues` writes DialogSum-schema rows, about 30% of them
 *heated* (one speaker calls the other names and the summary repeats the insult), some calm ones
 merely impatient, about 5% outside the demo's length filter; :func:`preference_records` ranks
-polite and insulting summaries of such dialogues; :func:`_classifier_sentences` labels sentences
+polite and insulting summaries of such dialogues; :func:`classifier_training_sentences` labels sentences
 for the hate classifier; :func:`contains_insult` is the rule they all share. Every function draws
 only from the ``random.Random`` it is given, so a seed gives the same rows on every machine.
 """
@@ -181,7 +181,7 @@ def _fill(template: str, values: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- classifier sentences
 
 
-def _classifier_sentences(rng: random.Random, rows: Sequence[dict[str, str]]) -> list[tuple[str, int]]:
+def classifier_training_sentences(rng: random.Random, rows: Sequence[dict[str, str]]) -> list[tuple[str, int]]:
     """Labelled sentences (1 = contains an insult): summaries, dialogue lines, and templates."""
     sentences: list[str] = []
     for row in rows:
