@@ -2,7 +2,7 @@
 read a finished run's report, rank three items and train a reward model from them, approve one
 run and reject another.
 
-Two ``detox_retrain`` runs with ``require_approval`` (25 PPO steps on 64 held-out prompts, set up
+Two ``detox_retrain`` runs with ``require_approval`` (8 PPO steps on 120 held-out prompts, set up
 to promote on the embedded default): the first is approved, the second rejected; the report and the
 labeling use the first. Screenshots go to ``DETOX_SCREENSHOT_DIR`` (the README's are made this
 way) or the stack's home.
@@ -29,13 +29,13 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REWARD_DAG = "reward_model_train"
-# Promotes on the embedded default: 25 PPO steps take toxicity down by about a third, and on 64
-# prompts a 60% interval of the change lies below zero (a 95% one reaches just above it). No
-# champion comparison, so the outcome does not depend on which runs of the session came before.
-APPROVAL_CONF = {"ppo_steps": 25, "eval_samples": 64, "require_approval": True,
+# Promotes on the embedded default: 8 PPO steps take toxicity down by about 40% on 120 held-out
+# prompts, the 95% interval of the change about [-0.16, -0.05]. No champion comparison, so the
+# outcome does not depend on which runs of the session came before.
+APPROVAL_CONF = {"ppo_steps": 8, "eval_samples": 120, "require_approval": True,
                  # Registered under a name of their own: the stack is shared, and tests/test_stack.py
                  # expects the first champion of detox-summarizer-demo to be its own run's.
-                 "overrides": {"promotion.compare_with_champion": False, "eval.confidence": 0.6,
+                 "overrides": {"promotion.compare_with_champion": False,
                                "registered_model_name": "detox-summarizer-approval-demo"}}
 LABELS = ("detox-demo", "labels/")
 
@@ -145,7 +145,7 @@ def test_report_view_needs_a_token_and_shows_the_run(stack, airflow_api, approve
     report = browser.frame_locator('iframe[title="Run report"]')
     assert report.locator("#decision").inner_text() == "promote"
     rows = report.locator("#samples tbody tr")
-    assert rows.count() == 64
+    assert rows.count() == APPROVAL_CONF["eval_samples"]
     assert "approved" in report.locator("#facts").inner_text()  # the reviewer's answer, from MLflow
     report.locator("#search").fill("Person1")
     for image in range(report.locator("img").count()):  # the plots come from MLflow: wait for them

@@ -27,8 +27,8 @@ PG_BIN = postgres_bin()  # initdb's folder: the binary .ci/run checks for too
 pytestmark = [pytest.mark.slow, pytest.mark.postgres,
               pytest.mark.skipif(PG_BIN is None, reason="PostgreSQL server binaries (initdb) not installed")]
 
-# On a fresh registry, 25 PPO steps judged on 120 held-out prompts promote (see tests/test_stack.py).
-CONF = {"ppo_steps": 25, "eval_samples": 120}
+# On a fresh registry, 8 PPO steps judged on 120 held-out prompts promote (see tests/test_stack.py).
+CONF = {"ppo_steps": 8, "eval_samples": 120}
 
 
 @pytest.fixture(scope="module")

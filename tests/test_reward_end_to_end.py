@@ -63,7 +63,9 @@ def test_a_run_keeps_the_reward_version_it_started_with(registered_reward, tmp_p
 
 
 def test_detox_retrain_with_the_registered_reward_lowers_toxicity_under_the_judge(registered_reward):
+    # 16 PPO steps (the demo runs 70): the judge's drop is about -38%, its 95% interval's top about -0.05.
     report = run_pipeline("airflow", {
+        "ppo.steps": 16,
         "model.reward_model_name": f"models:/{REWARD}@champion",
         "registered_model_name": "detox-summarizer-prefreward-demo",
     })

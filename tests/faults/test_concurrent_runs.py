@@ -28,8 +28,10 @@ pytestmark = pytest.mark.slow
 NAME = "fault-concurrent-reward"
 ACCESS_KEY = "AKIAFAULTSUITE7EXAMPLE"
 SECRET_KEY = "fault-suite-secret/Kq9vT2xW8zR4mN6pL0sJ"
+# A quarter of an epoch (about 16 optimizer steps) already ranks every held-out pair right; what is
+# checked here is two runs side by side, not the model.
 OVERRIDES = {"registered_model_name": NAME, "experiment_name": "fault-concurrent-reward",
-             "training.epochs": 1, "gate.min_accuracy": 0.6}
+             "training.epochs": 0.25, "gate.min_accuracy": 0.6}
 
 
 @pytest.fixture(scope="module")

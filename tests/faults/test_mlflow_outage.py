@@ -17,7 +17,8 @@ from tasks.steps import detox_retrain
 pytestmark = pytest.mark.slow
 
 RUN_KEY = "fault-mlflow-outage"
-OVERRIDES = {"ppo.steps": 4, "ppo.checkpoint_every": 2, "experiment_name": "fault-mlflow-outage"}
+OVERRIDES = {"ppo.steps": 4, "ppo.checkpoint_every": 2, "ppo.batch_size": 16, "ppo.mini_batch_size": 8,
+             "experiment_name": "fault-mlflow-outage"}
 
 
 @pytest.fixture
