@@ -2,6 +2,7 @@
 
 - :func:`require`: a test's outside dependency (Postgres binaries, docker-compose, Chromium),
   skipped where it is missing, failed where ``DETOX_REQUIRE`` names it (CI sets it).
+- :data:`PROMOTING_FORM`: the trigger-form values of a short ``detox_retrain`` run that promotes.
 - :func:`build_tiny_world`: the embedded default's layout (T5 policy, its SFT LoRA adapter, a
   ``nothate``/``hate`` classifier) filled with models made from a config in about a second, for
   tests that need real model folders but not trained ones.
@@ -18,6 +19,11 @@ from pathlib import Path
 import pytest
 
 REQUIRE_VARIABLE = "DETOX_REQUIRE"
+
+# Form fields (the DAG's Params, as the trigger form sets them) of a run that promotes on the embedded
+# default without a champion to beat: 8 PPO steps (the demo runs 70) judged on 120 held-out prompts take
+# toxicity from 0.229 to 0.130, the 95% interval of the change [-0.157, -0.050] (demo profile, PPO seed 0).
+PROMOTING_FORM = {"ppo_steps": 8, "eval_samples": 120}
 
 
 def required_dependencies() -> set[str]:

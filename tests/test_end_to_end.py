@@ -33,9 +33,9 @@ def run_tags(report: dict) -> dict:
 
 NAME = RunConfig.for_profile("demo").registered_model_name
 # The demo profile with fewer PPO steps, as the runs here only need a clear outcome: 16 steps (the
-# demo runs 70) take toxicity from 0.283 to about 0.08 on the whole held-out split, the 95% interval
-# of the change about [-0.25, -0.15]; 8 steps judged on 120 prompts about -40%, interval about
-# [-0.16, -0.05]. The demo's own outcome, over PPO seeds, is benchmarks/demo_seeds.py's.
+# demo runs 70) take toxicity from 0.283 to 0.084 on the whole held-out split, the 95% interval of
+# the change [-0.251, -0.147]; 8 steps: see PROMOTING_FORM in tests/support.py. The demo's own
+# outcome, over PPO seeds, is benchmarks/demo_seeds.py's.
 FIRST_STEPS = {"ppo.steps": 16}
 SHORT_STEPS = {"ppo.steps": 8}
 

@@ -21,6 +21,7 @@ from urllib.parse import quote
 import boto3
 import pytest
 import requests
+from support import PROMOTING_FORM
 
 from tasks.io.s3_server import DUMMY_CREDENTIAL, REGION
 from tasks.local.demo import DAG_ID
@@ -29,10 +30,9 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REWARD_DAG = "reward_model_train"
-# Promotes on the embedded default: 8 PPO steps take toxicity down by about 40% on 120 held-out
-# prompts, the 95% interval of the change about [-0.16, -0.05]. No champion comparison, so the
-# outcome does not depend on which runs of the session came before.
-APPROVAL_CONF = {"ppo_steps": 8, "eval_samples": 120, "require_approval": True,
+# Promotes on the embedded default (see tests/support.py). No champion comparison, so the outcome
+# does not depend on which runs of the session came before.
+APPROVAL_CONF = {**PROMOTING_FORM, "require_approval": True,
                  # Registered under a name of their own: the stack is shared, and tests/test_stack.py
                  # expects the first champion of detox-summarizer-demo to be its own run's.
                  "overrides": {"promotion.compare_with_champion": False,

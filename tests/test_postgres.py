@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from stack_fixtures import AirflowAPI, copy_embedded_builds
-from support import postgres_bin
+from support import PROMOTING_FORM, postgres_bin
 
 from tasks.io.s3_server import free_port
 from tasks.local.demo import DAG_ID
@@ -27,8 +27,8 @@ PG_BIN = postgres_bin()  # initdb's folder: the binary .ci/run checks for too
 pytestmark = [pytest.mark.slow, pytest.mark.postgres,
               pytest.mark.skipif(PG_BIN is None, reason="PostgreSQL server binaries (initdb) not installed")]
 
-# On a fresh registry, 8 PPO steps judged on 120 held-out prompts promote (see tests/test_stack.py).
-CONF = {"ppo_steps": 8, "eval_samples": 120}
+# Promotes on a fresh registry (see tests/support.py).
+CONF = PROMOTING_FORM
 
 
 @pytest.fixture(scope="module")

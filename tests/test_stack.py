@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from support import PROMOTING_FORM
 
 from tasks.io.s3_server import free_port
 from tasks.local.demo import DAG_ID
@@ -23,10 +24,8 @@ pytestmark = pytest.mark.slow
 
 MODEL = "detox-summarizer-demo"
 GPU_TASKS = {"baseline_eval", "ppo_train", "evaluate", "champion_eval"}
-# Form fields (the DAG's Params) set through conf, as the trigger form sets them. 8 PPO steps on 120
-# held-out prompts promote on the embedded default: toxicity about -40%, the 95% interval of the
-# change about [-0.16, -0.05] (the demo's 70 steps reach -84%; benchmarks/demo_seeds.py).
-FIRST_CONF = {"ppo_steps": 8, "eval_samples": 120}
+# Set through conf, as the trigger form sets them; promotes on a fresh registry (see tests/support.py).
+FIRST_CONF = PROMOTING_FORM
 # The same evaluation protocol (so the champion's metrics come from its version tags), a token PPO
 # run, and a threshold no model can pass: the gate must refuse.
 SECOND_CONF = {"ppo_steps": 1, "eval_samples": 120, "min_toxicity_reduction": 1.0}
