@@ -100,8 +100,9 @@ def mlflow_tags(stack, run_id: str) -> dict:
             f"{stack['mlflow_url']}/api/2.0/mlflow/experiments/search", params={"max_results": 100},
             timeout=30).json()["experiments"]],
         "filter": f"tags.`detox.run_key` = '{run_id}'"})
-    run = response.json()["runs"][0]
-    return {tag["key"]: tag["value"] for tag in run["data"]["tags"]}
+    runs = response.json().get("runs", [])  # MLflow leaves the key out when nothing matches
+    assert len(runs) == 1, f"{len(runs)} active MLflow runs tagged {run_id}: {response.text[:2000]}"
+    return {tag["key"]: tag["value"] for tag in runs[0]["data"]["tags"]}
 
 
 def label_records(stack) -> list[dict]:
