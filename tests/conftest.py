@@ -1,4 +1,10 @@
+import json
 import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 # Before anything loads torch's OpenMP runtime (libgomp reads this once), and inherited by every
 # process the tests start. The session runs torch in several processes at once on two cores (the
@@ -8,13 +14,6 @@ import os
 # build beside the first DAG run took 15 min instead of 100 s. At 1,000 rounds: 2.2 steps/s each,
 # 4.8 alone.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
-import json  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from stack_fixtures import airflow_api, stack  # noqa: E402, F401  (the served stack, one per session)
