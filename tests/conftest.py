@@ -6,13 +6,10 @@ import sys
 import time
 from pathlib import Path
 
-# Before anything loads torch's OpenMP runtime (libgomp reads this once), and inherited by every
-# process the tests start. The session runs torch in several processes at once on two cores (the
-# background build below beside the tests, a DAG run's tasks, servers). At libgomp's default a
-# thread waiting at a barrier spins for 300,000 rounds while the thread it waits for has no core:
-# measured, two builds side by side made 0.1 step/s each instead of 4.8 alone, and the tiny Llama's
-# build beside the first DAG run took 15 min instead of 100 s. At 1,000 rounds: 2.2 steps/s each,
-# 4.8 alone.
+# Set before anything loads torch's OpenMP runtime (libgomp reads it once); every process the tests
+# start inherits it. Torch runs in several processes at once here (the background build below, DAG
+# runs, servers), and at libgomp's default spin count a waiting thread holds a core the thread it
+# waits for needs. Measured figures: README, Development.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import pytest  # noqa: E402
