@@ -165,7 +165,8 @@ def load_prompts(setup: dict, tokenizer, count: int) -> list[list[int]]:
 
 
 def build_trainer(
-    setup: dict, device: str, batch_size: int, frozen_copy: bool = False, gradient_checkpointing: bool = False
+    setup: dict, device: str, batch_size: int, frozen_copy: bool = False, gradient_checkpointing: bool = False,
+    critic: str = "head",
 ):
     from tasks.rl.policy import ValueHead, build_policy
     from tasks.rl.trainer import PPOTrainer
@@ -176,7 +177,7 @@ def build_trainer(
     reward = RewardModel(setup["reward"], batch_size=64, device=device)
     # mini-batches and everything else as in production (the seeds' mini-batch of 4)
     ppo = PPOSettings(batch_size=batch_size, ppo_epochs=1, learning_rate=1e-4,
-                      gradient_checkpointing=gradient_checkpointing)
+                      gradient_checkpointing=gradient_checkpointing, critic=critic)
     trainer = PPOTrainer(policy, ValueHead(policy.config.hidden_size), tokenizer, reward.reward, ppo,
                          GenerationSettings(**setup["generation"]), device)
     if frozen_copy:  # the seeds' reference: a second full copy of the policy's weights
@@ -265,19 +266,25 @@ def speed(setup: dict, device: str, batch_sizes: list[int], repeats: int) -> lis
 
 
 def step_time(setup: dict, device: str, batch_size: int, steps: int) -> None:
-    """Wall time of whole PPO steps (rollout + update) and response tokens per second."""
-    trainer, _ = build_trainer(setup, device, batch_size)
-    prompts = load_prompts(setup, trainer.tokenizer, batch_size * (steps + 1))
-    trainer.step(prompts[:batch_size])  # warm-up
-    times, tokens = [], []
-    for i in range(1, steps + 1):
-        started = time.perf_counter()
-        metrics = trainer.step(prompts[i * batch_size : (i + 1) * batch_size])
-        times.append(time.perf_counter() - started)
-        tokens.append(metrics["response_length"] * batch_size)
-    median = statistics.median(times)
-    print(f"PPO step (batch {batch_size}): {median:.2f} s median of {steps}, "
-          f"{sum(tokens) / sum(times):.0f} response tokens/s", flush=True)
+    """Wall time of whole PPO steps (rollout + update) and response tokens per second, with each
+    critic (``ppo.critic``) on the same prompts, one after the other in this process."""
+    medians = {}
+    for critic in ("head", "adapter"):
+        torch.manual_seed(0)
+        trainer, _ = build_trainer(setup, device, batch_size, critic=critic)
+        prompts = load_prompts(setup, trainer.tokenizer, batch_size * (steps + 1))
+        trainer.step(prompts[:batch_size])  # warm-up
+        times, tokens = [], []
+        for i in range(1, steps + 1):
+            started = time.perf_counter()
+            metrics = trainer.step(prompts[i * batch_size : (i + 1) * batch_size])
+            times.append(time.perf_counter() - started)
+            tokens.append(metrics["response_length"] * batch_size)
+        medians[critic] = statistics.median(times)
+        print(f"PPO step (batch {batch_size}, critic {critic}): {medians[critic]:.2f} s median of {steps}, "
+              f"{sum(tokens) / sum(times):.0f} response tokens/s", flush=True)
+        del trainer
+    print(f"critic adapter step time: {medians['adapter'] / medians['head']:.2f}x the head's", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 # one optimizer step over the whole batch (a global mini-batch of 16), no clipping
-SETTINGS = {"mini_batch_size": 16, "ppo_epochs": 1, "max_grad_norm": 1e9}
+# With the critic's own adapter, whose gradients are averaged with the policy's.
+SETTINGS = {"mini_batch_size": 16, "ppo_epochs": 1, "max_grad_norm": 1e9, "critic": "adapter"}
 
 
 def first_gradient(trainer) -> list[torch.Tensor]:

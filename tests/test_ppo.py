@@ -13,13 +13,21 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 import tasks.rl.trainer as ppo_module
 from tasks.config import ConfigError, GenerationSettings, LoraSettings, PPOSettings
 from tasks.io.models import draw_categorical
-from tasks.rl.policy import ValueHead, build_policy, folded_adapters, load_value_head, reference_policy
+from tasks.rl.policy import (
+    ValueHead,
+    build_policy,
+    critic_view,
+    folded_adapters,
+    load_value_head,
+    reference_policy,
+)
 from tasks.rl.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -638,13 +646,14 @@ def test_folded_adapters_put_every_requires_grad_flag_back(tmp_path, prompts):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_a_resumed_run_continues_exactly_where_the_checkpoint_left_it(tmp_path, insulting_t5_state, prompts):
-    straight = make_trainer(insulting_t5_state, checkpoint_every=2)
+@pytest.mark.parametrize("critic", ["head", "adapter"])
+def test_a_resumed_run_continues_exactly_where_the_checkpoint_left_it(tmp_path, insulting_t5_state, prompts, critic):
+    straight = make_trainer(insulting_t5_state, checkpoint_every=2, critic=critic)
     expected = straight.train(prompts, total_steps=5, checkpoint_dir=tmp_path / "straight")
     # keep_checkpoints=2: steps 4 and 5 (the last step always gets one) are left
     assert sorted(p.name for p in (tmp_path / "straight").iterdir()) == ["step-000004", "step-000005"]
 
-    interrupted = make_trainer(insulting_t5_state, checkpoint_every=2)
+    interrupted = make_trainer(insulting_t5_state, checkpoint_every=2, critic=critic)
     saved: list[str] = []
     interrupted.train(prompts, total_steps=3, checkpoint_dir=tmp_path / "resumed",
                       on_checkpoint=lambda path: saved.append(path.name))
@@ -654,7 +663,7 @@ def test_a_resumed_run_continues_exactly_where_the_checkpoint_left_it(tmp_path, 
     assert latest_checkpoint(tmp_path / "resumed").name == "step-000003"
 
     torch.manual_seed(999)  # whatever the new process's global RNG holds, the checkpoint's wins
-    resumed = make_trainer(insulting_t5_state, checkpoint_every=2)
+    resumed = make_trainer(insulting_t5_state, checkpoint_every=2, critic=critic)
     resumed.load_checkpoint(latest_checkpoint(tmp_path / "resumed"))
     assert resumed.steps_done == 3 and len(resumed.history) == 3
     history = resumed.train(prompts, total_steps=5, checkpoint_dir=tmp_path / "resumed")
@@ -663,7 +672,7 @@ def test_a_resumed_run_continues_exactly_where_the_checkpoint_left_it(tmp_path, 
     for step, (got, want) in enumerate(zip(history, expected, strict=True)):
         for key in ("reward_mean", "kl", "kl_coef", "policy_loss", "value_loss"):
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (step, key)
-    for got, want in zip(resumed.policy.parameters(), straight.policy.parameters(), strict=True):
+    for got, want in zip(resumed.trainable_params, straight.trainable_params, strict=True):  # the critic's too
         torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match="more than"):
         resumed.train(prompts, total_steps=4)
@@ -755,18 +764,19 @@ def test_a_step_at_learning_rate_zero_matches_an_independent_computation(insulti
                   / sum(lengths)), rel=1e-5)
 
 
-def test_gradient_accumulation_gives_the_gradient_of_the_whole_mini_batch(insulting_t5_state, prompts):
-    rollout = as_if_trained(make_trainer(insulting_t5_state)).rollout(prompts[:16])
+@pytest.mark.parametrize("critic", ["head", "adapter"])
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_mini_batch(insulting_t5_state, prompts, critic):
+    rollout = as_if_trained(make_trainer(insulting_t5_state, critic=critic)).rollout(prompts[:16])
     assert len(set(rollout.response_mask.sum(dim=1).tolist())) > 1  # micro-batches of unequal token counts
 
     def gradients(accumulation: int) -> tuple[list[torch.Tensor], list[int]]:
         # one optimizer step; no clipping, which would hide a gradient k times too large
         trainer = as_if_trained(make_trainer(insulting_t5_state, mini_batch_size=16, ppo_epochs=1, max_grad_norm=1e9,
-                                             gradient_accumulation_steps=accumulation))
+                                             gradient_accumulation_steps=accumulation, critic=critic))
         freeze_rollout(trainer, rollout)
         forward_rows: list[int] = []
         steps: list[list[torch.Tensor]] = []
-        real_forward, real_step = trainer._forward, trainer.optimizer.step
+        real_forward, real_step = trainer._logits_and_states, trainer.optimizer.step
 
         def counting_forward(prompt_ids, *args, **kwargs):
             forward_rows.append(prompt_ids.shape[0])
@@ -776,14 +786,15 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_mini_batch(insult
             steps.append([param.grad.clone() for param in trainer.trainable_params])
             return real_step(*args, **kwargs)
 
-        trainer._forward, trainer.optimizer.step = counting_forward, recording_step
+        trainer._logits_and_states, trainer.optimizer.step = counting_forward, recording_step
         trainer.step(prompts[:16])
         assert len(steps) == 1
         return steps[0], forward_rows
 
     whole, whole_rows = gradients(1)
     accumulated, accumulated_rows = gradients(4)
-    assert whole_rows == [16] and accumulated_rows == [4, 4, 4, 4]
+    passes = 2 if critic == "adapter" else 1  # the critic's adapter makes a forward pass of its own
+    assert whole_rows == [16] * passes and accumulated_rows == [4] * 4 * passes
     assert all(bool(grad.abs().sum() > 0) for grad in whole)
     for got, want in zip(accumulated, whole, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
@@ -806,7 +817,8 @@ def test_missing_eos_penalty_lowers_only_the_scores_of_unfinished_responses(insu
     assert torch.equal(plain.ended, plain.response_ids.gather(1, ended[:, None]).squeeze(1) == 1)
 
 
-def test_a_frozen_sft_adapter_stays_frozen_and_is_the_reference(tmp_path, insulting_t5_state, prompts):
+@pytest.mark.parametrize("critic", ["head", "adapter"])
+def test_a_frozen_sft_adapter_stays_frozen_and_is_the_reference(tmp_path, insulting_t5_state, prompts, critic):
     """The 4-bit (QLoRA) layout, on CPU without quantization: SFT as a frozen adapter, PPO's on top."""
     save_base_and_sft(tmp_path)
     lora = LoraSettings(r=8, alpha=16, dropout=0.0)
@@ -836,8 +848,13 @@ def test_a_frozen_sft_adapter_stays_frozen_and_is_the_reference(tmp_path, insult
         torch.testing.assert_close(policy(**inputs).logits, trained_logits, atol=1e-5, rtol=1e-5)
     assert torch.equal(policy(**inputs).logits, trained_logits)
 
-    trainer = PPOTrainer(policy, ValueHead(32), tokenizer, avoid_insults, PPOSettings(batch_size=4),
+    trainer = PPOTrainer(policy, ValueHead(32), tokenizer, avoid_insults, PPOSettings(batch_size=4, critic=critic),
                          GenerationSettings(min_new_tokens=2, max_new_tokens=4), "cpu")
+    if critic == "adapter":  # the critic's adapter works on top of the frozen SFT adapter, as the policy's does
+        assert set(policy.peft_config) == {"sft", "default", "critic"}
+        trainable |= {name.replace(".default.", ".critic.") for name in trainable}
+        with torch.no_grad(), critic_view(policy):
+            torch.testing.assert_close(policy(**inputs).logits, sft_logits, atol=1e-5, rtol=1e-5)  # its B is 0
     trainer.step(prompts[:4])  # sampling folds both adapters; the SFT adapter stays frozen
     assert {name for name, p in policy.named_parameters() if p.requires_grad} == trainable
     trainer.save(tmp_path / "ppo")
@@ -846,17 +863,107 @@ def test_a_frozen_sft_adapter_stays_frozen_and_is_the_reference(tmp_path, insult
     assert not (tmp_path / "ppo" / "adapter" / "sft").exists()
 
 
-def test_gradient_checkpointing_changes_memory_not_the_result(insulting_t5_state, prompts):
+# ---------------------------------------------------------------------------------------------
+# The critic's own adapter (ppo.critic = "adapter")
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_critic_adapter_moves_the_values_and_never_the_policy(insulting_t5_state, prompts):
+    trainer = as_if_trained(make_trainer(insulting_t5_state, critic="adapter"))  # both adapters non-zero
+    assert set(trainer.policy.peft_config) == {"default", "critic"}
+    trainable = {name for name, p in trainer.policy.named_parameters() if p.requires_grad}
+    assert {name.split(".")[-2] for name in trainable} == {"default", "critic"}  # lora_A.<adapter>.weight
+    rollout = trainer.rollout(prompts[:16])
+    # peft marks only active adapters trainable when it switches them; the reference pass must not stick
+    assert {name for name, p in trainer.policy.named_parameters() if p.requires_grad} == trainable
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids)
+    with torch.no_grad():
+        for name, param in trainer.policy.named_parameters():
+            if "lora_B.critic" in name:
+                param.mul_(3.0)
+        logprobs, values, _ = trainer._forward(*args)
+        with reference_policy(trainer.policy):
+            ref_logprobs, _, _ = trainer._forward(*args)
+    mask = rollout.response_mask.bool()
+    # The policy, its sampler and the reference do not see the critic's adapter; the values do.
+    torch.testing.assert_close(logprobs[mask], rollout.logprobs[mask])
+    torch.testing.assert_close(ref_logprobs[mask], rollout.ref_logprobs[mask])
+    assert not torch.allclose(values[mask], rollout.values[mask])
+    plain = make_trainer(insulting_t5_state)  # a policy that never had a critic adapter, same PPO adapter
+    weights = dict(trainer.policy.named_parameters())
+    with torch.no_grad():
+        for name, param in plain.policy.named_parameters():
+            param.copy_(weights[name])
+        plain_logprobs, _, _ = plain._forward(*args)
+    torch.testing.assert_close(plain_logprobs[mask], rollout.logprobs[mask])
+
+
+def test_the_value_loss_trains_the_critic_adapter_and_the_policy_loss_the_policy_adapter(insulting_t5_state, prompts):
+    rollout = as_if_trained(make_trainer(insulting_t5_state, critic="adapter")).rollout(prompts[:16])
+
+    def first_gradients(vf_coef: float) -> dict[str, torch.Tensor]:
+        trainer = as_if_trained(make_trainer(insulting_t5_state, critic="adapter", vf_coef=vf_coef,
+                                             mini_batch_size=16, ppo_epochs=1, max_grad_norm=1e9))
+        trainer.rollout(prompts[:16])  # a real rollout first: its reference pass switches adapters off and on
+        freeze_rollout(trainer, rollout)
+        names = {id(param): name for name, param in trainer.policy.named_parameters()}
+        names |= {id(param): f"value_head.{name}" for name, param in trainer.value_head.named_parameters()}
+        grads: dict[str, torch.Tensor] = {}
+        real_step = trainer.optimizer.step
+
+        def recording_step(*args, **kwargs):
+            grads.update({names[id(p)]: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                          for p in trainer.trainable_params})
+            return real_step(*args, **kwargs)
+
+        trainer.optimizer.step = recording_step
+        trainer.step(prompts[:16])
+        return grads
+
+    with_values, without_values = first_gradients(1.0), first_gradients(0.0)
+    policy = [name for name in with_values if ".default." in name]
+    critic = [name for name in with_values if ".critic." in name or name.startswith("value_head.")]
+    assert policy and any(".critic." in name for name in critic) and len(policy) + len(critic) == len(with_values)
+    for name in policy:  # the value loss does not reach the policy's adapter
+        assert bool(with_values[name].abs().sum() > 0), name
+        torch.testing.assert_close(with_values[name], without_values[name], rtol=1e-5, atol=1e-8)
+    for name in critic:  # the value loss alone trains the critic: its adapter and its head
+        assert bool(with_values[name].abs().sum() > 0), name
+        assert not bool(without_values[name].abs().sum() > 0), name
+
+
+def test_the_critic_adapter_is_saved_apart_and_a_resume_without_it_is_refused(tmp_path, insulting_t5_state, prompts):
+    trainer = as_if_trained(make_trainer(insulting_t5_state, critic="adapter"))
+    trainer.save(tmp_path / "ppo")
+    policy_adapter = load_file(str(tmp_path / "ppo" / "adapter" / "adapter_model.safetensors"))
+    assert policy_adapter and not any("critic" in name for name in policy_adapter)  # what serving merges
+    assert not (tmp_path / "ppo" / "adapter" / "critic").exists()
+    critic = load_file(str(tmp_path / "ppo" / "critic_adapter.safetensors"))
+    assert critic and all("lora_" in name for name in critic)
+
+    fresh = make_trainer(insulting_t5_state, critic="adapter")
+    fresh.load(tmp_path / "ppo")
+    rollout = trainer.rollout(prompts[:8])
+    with torch.no_grad():
+        args = (rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids)
+        torch.testing.assert_close(fresh._forward(*args)[1], trainer._forward(*args)[1])  # the same values
+    with pytest.raises(ConfigError, match="ppo.critic is 'adapter' in the checkpoint but 'head' now"):
+        make_trainer(insulting_t5_state).load(tmp_path / "ppo")
+
+
+@pytest.mark.parametrize("critic", ["head", "adapter"])
+def test_gradient_checkpointing_changes_memory_not_the_result(insulting_t5_state, prompts, critic):
     def two_steps(**overrides):
-        trainer = make_trainer(insulting_t5_state, **overrides)
+        trainer = make_trainer(insulting_t5_state, critic=critic, **overrides)
         history = trainer.train(prompts, total_steps=2)
         assert not trainer.policy.training  # back in eval mode after the update
-        return history, [p.detach().clone() for p in trainer.policy.parameters() if p.requires_grad]
+        return history, [p.detach().clone() for p in trainer.trainable_params]
 
     plain, plain_weights = two_steps()
     checkpointed, checkpointed_weights = two_steps(gradient_checkpointing=True)
     for got, want in zip(checkpointed, plain, strict=True):
         assert got["policy_loss"] == pytest.approx(want["policy_loss"], rel=1e-4, abs=1e-6)
+        assert got["value_loss"] == pytest.approx(want["value_loss"], rel=1e-4, abs=1e-6)
     for got, want in zip(checkpointed_weights, plain_weights, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 

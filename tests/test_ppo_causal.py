@@ -105,10 +105,18 @@ def test_prompts_are_left_padded_with_eos_for_a_causal_policy(insulting_llama_st
     assert mask.tolist() == [[1, 1, 1], [0, 1, 1]]
 
 
+@pytest.mark.parametrize("critic", ["head", "adapter"])
 def test_rollout_logprobs_are_those_sampled_from_and_ignore_the_padding(
-    insulting_llama_state, prompts, sampling_spy
+    insulting_llama_state, prompts, sampling_spy, critic
 ):
-    trainer = make_trainer(insulting_llama_state)
+    trainer = make_trainer(insulting_llama_state, critic=critic)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # a critic that gives non-zero values, from its own adapter's states if it has one
+        trainer.value_head.summary.weight.copy_(torch.randn(trainer.value_head.summary.weight.shape,
+                                                            generator=generator))
+        for name, param in trainer.policy.named_parameters():
+            if "lora_B.critic" in name:
+                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
     spy = sampling_spy(trainer.policy)
     rollout = trainer.rollout(prompts[:16])
     ids, mask = rollout.response_ids, rollout.response_mask
@@ -127,6 +135,7 @@ def test_rollout_logprobs_are_those_sampled_from_and_ignore_the_padding(
         logprobs, values, _ = trainer._forward(alone_ids, alone_mask, ids[row : row + 1])
     valid = mask[row].bool()
     torch.testing.assert_close(logprobs[0][valid], rollout.logprobs[row][valid], atol=1e-5, rtol=1e-5)
+    assert bool(values[0][valid].abs().min() > 0)
     torch.testing.assert_close(values[0][valid], rollout.values[row][valid], atol=1e-5, rtol=1e-5)
     # and at the start the reference (PPO adapter off) is the policy itself
     torch.testing.assert_close(rollout.ref_logprobs[mask.bool()], rollout.logprobs[mask.bool()])

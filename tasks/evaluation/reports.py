@@ -122,7 +122,7 @@ def plot_training(history: list[dict], path: Path) -> None:
     # 1 - Var(returns - values) / Var(returns): 0 is a critic no better than a constant.
     critic_ax.plot(steps, [m.get("explained_variance", np.nan) for m in history], color="#1a7f37")
     critic_ax.axhline(0.0, color="#888", linewidth=0.8)
-    critic_ax.set_title("value head: explained variance of the returns")
+    critic_ax.set_title("critic: explained variance of the returns")
     for ax in (reward_ax, kl_ax, critic_ax):
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)

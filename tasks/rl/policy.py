@@ -7,6 +7,7 @@ off (:func:`reference_policy`), so the weights exist once in memory.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -83,6 +84,8 @@ def load_value_head(path: Path) -> ValueHead:
 
 PPO_ADAPTER = "default"  # peft's default name: save_pretrained writes it at the folder's top level
 SFT_ADAPTER = "sft"
+CRITIC_ADAPTER = "critic"  # the critic's own LoRA adapter (ppo.critic = "adapter"), trained by the value loss only
+TRAINED_ADAPTERS = (PPO_ADAPTER, CRITIC_ADAPTER)
 
 
 def build_policy(
@@ -145,28 +148,58 @@ def build_policy(
 
 
 def _frozen_adapters(policy: PeftModel) -> list[str]:
-    return [name for name in policy.peft_config if name != PPO_ADAPTER]
+    return [name for name in policy.peft_config if name not in TRAINED_ADAPTERS]
 
 
-def _activate_policy_adapters(policy: PeftModel) -> None:
-    """Frozen adapters and the PPO adapter all on, only the PPO adapter trainable."""
+def _activate_policy_adapters(policy: PeftModel, trained: str = PPO_ADAPTER) -> None:
+    """Frozen adapters and ``trained`` (the PPO adapter, or the critic's) on; the PPO and critic
+    adapters trainable, the frozen ones not, whichever is on (peft's ``set_adapter`` marks only
+    the active adapters trainable)."""
     frozen = _frozen_adapters(policy)
-    policy.base_model.set_adapter([*frozen, PPO_ADAPTER])
+    policy.base_model.set_adapter([*frozen, trained])
     if frozen:
         policy.set_requires_grad(frozen, requires_grad=False)
+    trained_present = [name for name in TRAINED_ADAPTERS if name in policy.peft_config]
+    policy.set_requires_grad(trained_present, requires_grad=True)
+
+
+def add_critic_adapter(policy: PeftModel) -> None:
+    """A second trainable adapter, :data:`CRITIC_ADAPTER`, configured like the PPO adapter: the critic's own
+    features on the shared base weights. It starts as the SFT model (LoRA's B is zero) and is active only
+    inside :func:`critic_view`, so the policy, its sampler and the reference never see it."""
+    if CRITIC_ADAPTER in policy.peft_config:
+        raise ValueError(f"the policy already has an adapter named {CRITIC_ADAPTER!r}")
+    policy.add_adapter(CRITIC_ADAPTER, copy.deepcopy(policy.peft_config[PPO_ADAPTER]))
+    _activate_policy_adapters(policy)
+
+
+@contextmanager
+def critic_view(policy: PeftModel) -> Iterator[None]:
+    """Inside the block ``policy`` computes the critic's features: the frozen adapters and the critic's
+    adapter on, the PPO adapter off. Both trained adapters stay trainable."""
+    _activate_policy_adapters(policy, CRITIC_ADAPTER)
+    try:
+        yield
+    finally:
+        _activate_policy_adapters(policy)
 
 
 @contextmanager
 def reference_policy(policy: PeftModel) -> Iterator[None]:
-    """Inside the block ``policy`` is the reference of the KL penalty: the PPO adapter is off.
+    """Inside the block ``policy`` is the reference of the KL penalty: the PPO adapter (and the critic's)
+    off.
 
     With the SFT adapter merged that is ``disable_adapter()``; with a frozen SFT adapter
-    (4-bit bases) the SFT adapter alone stays active.
+    (4-bit bases) the SFT adapter alone stays active. Either way the trained adapters are
+    trainable again after the block (peft's ``enable_adapters`` marks only the active ones).
     """
     frozen = _frozen_adapters(policy)
     if not frozen:
-        with policy.disable_adapter():
-            yield
+        try:
+            with policy.disable_adapter():
+                yield
+        finally:
+            _activate_policy_adapters(policy)
         return
     policy.base_model.set_adapter(frozen, inference_mode=True)
     try:

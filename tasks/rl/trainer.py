@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from peft import (
     PeftModel,
+    get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
 from safetensors.torch import load_file, save_file
@@ -38,7 +39,17 @@ from tasks.io.models import (
     sample,
     special_tokens,
 )
-from tasks.rl.policy import PPO_ADAPTER, ValueHead, disable_dropout, folded_adapters, is_quantized, reference_policy
+from tasks.rl.policy import (
+    CRITIC_ADAPTER,
+    PPO_ADAPTER,
+    ValueHead,
+    add_critic_adapter,
+    critic_view,
+    disable_dropout,
+    folded_adapters,
+    is_quantized,
+    reference_policy,
+)
 from tasks.rl.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -98,11 +109,12 @@ class Rollout(Responses):
 
     logprobs: torch.Tensor  # [B, T] log pi_old(token), logits / temperature
     ref_logprobs: torch.Tensor  # [B, T] same under the reference (PPO adapter off)
-    values: torch.Tensor  # [B, T] value head on the rollout policy
+    values: torch.Tensor  # [B, T] the critic's values of the rollout
     entropy: torch.Tensor  # [B, T] entropy of pi_old at each position
 
 
 CHECKPOINT_PREFIX = "step-"
+CRITIC_ADAPTER_FILE = "critic_adapter.safetensors"
 # PPO settings a resume may change: how long and where it trains, how it saves, not what it learns.
 RESUMABLE_WITH_OTHER_VALUES = {
     "steps", "checkpoint_every", "keep_checkpoints", "num_processes", "gradient_accumulation_steps",
@@ -131,8 +143,12 @@ class PPOTrainer:
     advantages and the token mean of the losses are the whole batch's, so the update is the one
     a single process would make on the whole batch; the metrics cover the whole batch.
 
-    The value head is its own parameter group (``ppo.value_learning_rate``), and the adapter's and
-    the head's gradients are clipped separately. With ``ppo.mixed_precision='bf16'`` (CUDA) the
+    The critic (``ppo.critic``) is either the value head alone on the policy's detached last hidden
+    state (``head``), or the value head on the states of the critic's own LoRA adapter on the same
+    base weights (``adapter``, :func:`~tasks.rl.policy.critic_view`), which costs one more forward
+    and backward pass per mini-batch. The value loss never moves the PPO adapter. The critic is its
+    own parameter group (``ppo.value_learning_rate``), and the policy's and the critic's gradients
+    are clipped separately. With ``ppo.mixed_precision='bf16'`` (CUDA) the
     policy's forward passes run under bfloat16 autocast; the weights, the optimizer, the log-probs
     and the values stay float32.
     """
@@ -169,22 +185,29 @@ class PPOTrainer:
         self.generation = generation
 
         self.tokens = special_tokens(policy, tokenizer)
-        disable_dropout(self.policy)
+        self.has_critic_adapter = ppo.critic == "adapter"
+        if self.has_critic_adapter and CRITIC_ADAPTER not in policy.peft_config:
+            add_critic_adapter(self.policy)
+        disable_dropout(self.policy)  # the critic adapter's LoRA dropout too
         if ppo.gradient_checkpointing:
             # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-        adapter_params = [p for p in policy.parameters() if p.requires_grad]
+        critic_marker = f".{CRITIC_ADAPTER}."
+        adapter_params = [p for n, p in policy.named_parameters() if p.requires_grad and critic_marker not in n]
         if not adapter_params:
             raise ValueError("the policy has no trainable parameters: pass a model with a LoRA adapter")
-        head_params = list(self.value_head.parameters())
-        self.trainable_params = adapter_params + head_params
-        # Two groups: the critic is a linear probe on detached states, far from the adapter in how
-        # fast it can and must move. eps=1e-5 as in CleanRL and Huang et al.'s reference runs.
+        critic_params = [p for n, p in policy.named_parameters() if p.requires_grad and critic_marker in n]
+        if self.has_critic_adapter and not critic_params:
+            raise ValueError(f"ppo.critic is 'adapter' but the policy's {CRITIC_ADAPTER!r} adapter is not trainable")
+        critic_params += list(self.value_head.parameters())
+        self.trainable_params = adapter_params + critic_params
+        # Two groups: the critic is far from the policy's adapter in how fast it can and must move.
+        # eps=1e-5 as in CleanRL and Huang et al.'s reference runs.
         self.optimizer = torch.optim.Adam(
             [
                 {"params": adapter_params, "lr": ppo.learning_rate, "name": "policy"},
-                {"params": head_params, "lr": ppo.value_learning_rate, "name": "value"},
+                {"params": critic_params, "lr": ppo.value_learning_rate, "name": "value"},
             ],
             eps=1e-5,
         )
@@ -221,9 +244,11 @@ class PPOTrainer:
         prompt_mask: torch.Tensor,
         response_ids: torch.Tensor,
         encoder_hidden: torch.Tensor | None = None,
+        need_logits: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Under teacher forcing: for each response token, the logits that predict it and the last
-        hidden state they come from, [B, T, V] and [B, T, H].
+        hidden state they come from, [B, T, V] and [B, T, H]. Without ``need_logits`` a causal model
+        computes the logits of the last position only (the others are not returned then).
 
         Seq2seq: the decoder reads ``[start, r_0 .. r_{T-2}]``; ``encoder_hidden``, when given,
         is this policy's encoding of the prompts and saves encoding them again. Causal: the model reads the
@@ -257,7 +282,8 @@ class PPOTrainer:
                 position_ids=(attention_mask.cumsum(dim=1) - 1).clamp(min=0),
                 output_hidden_states=True,
                 use_cache=False,
-                logits_to_keep=response_length + 1,  # no vocabulary-wide logits over the prompt
+                # no vocabulary-wide logits over the prompt, nor over the response for the critic
+                logits_to_keep=response_length + 1 if need_logits else 1,
             )
         return output.logits[:, :-1], output.hidden_states[-1][:, prompt_length - 1 : -1]
 
@@ -275,12 +301,34 @@ class PPOTrainer:
         # Log-probs of the distribution that was sampled: logits / temperature (Huang et al.).
         temperature = self.generation.temperature
         logprobs = token_logprobs(logits, response_ids, temperature)
-        # The value head reads detached features: its regression error must not move the shared
-        # LoRA weights, or the critic's gradients (larger than the policy's early on) drag the
-        # policy away from the reference with no gain in reward.
-        values = self.value_head(hidden.detach())
+        with self._critic_view():
+            values = self._values(prompt_ids, prompt_mask, response_ids, hidden)
         entropy = entropy_from_logits(logits, temperature) if with_entropy else None
         return logprobs, values, entropy
+
+    def _critic_view(self) -> AbstractContextManager:
+        """The adapters the critic computes with: :func:`~tasks.rl.policy.critic_view` with the
+        critic's own adapter, else the policy's (nothing to switch)."""
+        return critic_view(self.policy) if self.has_critic_adapter else nullcontext()
+
+    def _values(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        policy_hidden: torch.Tensor,
+    ) -> torch.Tensor:
+        """The critic's value of each response position, [B, T] float32; inside :meth:`_critic_view`."""
+        if not self.has_critic_adapter:
+            # The value head reads detached features: its regression error must not move the
+            # PPO adapter, or the critic's gradients (larger than the policy's early on) drag the
+            # policy away from the reference with no gain in reward.
+            return self.value_head(policy_hidden.detach())
+        # The critic's own features: the same base weights under the critic's adapter, which
+        # sees the prefix the policy saw and learns what predicts the return. A separate pass
+        # (the encoder's too), so the value loss reaches the critic's adapter and not the policy's.
+        _, hidden = self._logits_and_states(prompt_ids, prompt_mask, response_ids, need_logits=False)
+        return self.value_head(hidden)
 
     # -- rollout ---------------------------------------------------------------------------
 
@@ -432,23 +480,27 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(0, len(mini_batch), self.micro_batch_rows):
                     mb = mini_batch[micro_start : micro_start + self.micro_batch_rows]
-                    new_logprobs, new_values, _ = self._forward(
-                        rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.response_ids[mb]
-                    )
+                    args = (rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.response_ids[mb])
+                    logits, hidden = self._logits_and_states(*args)
+                    new_logprobs = token_logprobs(logits, rollout.response_ids[mb], self.generation.temperature)
                     pg_loss, clipfrac, approx_kl = policy_loss(
                         new_logprobs, rollout.logprobs[mb], advantages[mb], mask[mb], ppo.cliprange
                     )
-                    vf_loss, vf_clipfrac = value_loss(
-                        new_values, old_values[mb], returns[mb], mask[mb], ppo.cliprange_value
-                    )
-                    loss = pg_loss + ppo.vf_coef * vf_loss
-                    if not torch.isfinite(loss):
-                        raise PPOTrainingError(
-                            f"non-finite loss at step {self.steps_done}: "
-                            f"policy loss {pg_loss.item()}, value loss {vf_loss.item()}"
-                        )
                     share = float(mask[mb].sum()) * self.processes / mini_batch_tokens
-                    (loss * share).backward()
+                    # Each loss goes backward under the adapters it was computed with: with gradient
+                    # checkpointing the backward pass recomputes the forward under the active ones.
+                    with self._critic_view():
+                        new_values = self._values(*args, hidden)
+                        vf_loss, vf_clipfrac = value_loss(
+                            new_values, old_values[mb], returns[mb], mask[mb], ppo.cliprange_value
+                        )
+                        if not (torch.isfinite(pg_loss) and torch.isfinite(vf_loss)):
+                            raise PPOTrainingError(
+                                f"non-finite loss at step {self.steps_done}: "
+                                f"policy loss {pg_loss.item()}, value loss {vf_loss.item()}"
+                            )
+                        (ppo.vf_coef * vf_loss * share).backward()
+                    (pg_loss * share).backward()
                     losses["policy_loss"].append(pg_loss.item())
                     losses["value_loss"].append(vf_loss.item())
                     losses["clipfrac"].append(clipfrac.item())
@@ -601,7 +653,8 @@ class PPOTrainer:
 
     def save(self, out_dir: Path) -> None:
         """Write the inference artifacts: ``adapter/`` (safetensors, the PPO adapter only),
-        ``value_head.safetensors`` and ``trainer_state.json``."""
+        ``value_head.safetensors``, ``critic_adapter.safetensors`` (with ``ppo.critic='adapter'``)
+        and ``trainer_state.json``."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.policy.save_pretrained(str(out_dir / "adapter"), safe_serialization=True, selected_adapters=[PPO_ADAPTER])
@@ -609,6 +662,10 @@ class PPOTrainer:
             name: tensor.detach().contiguous().cpu() for name, tensor in self.value_head.state_dict().items()
         }
         save_file(head_state, str(out_dir / "value_head.safetensors"))
+        if self.has_critic_adapter:
+            critic_state = get_peft_model_state_dict(self.policy, adapter_name=CRITIC_ADAPTER)
+            save_file({name: tensor.detach().contiguous().cpu() for name, tensor in critic_state.items()},
+                      str(out_dir / CRITIC_ADAPTER_FILE))
         state = {
             "steps_done": self.steps_done,
             "kl_controller": self.kl_ctl.state_dict(),
@@ -663,6 +720,11 @@ class PPOTrainer:
         self.value_head.load_state_dict(
             load_file(str(out_dir / "value_head.safetensors"), device=str(self.device))
         )
+        if self.has_critic_adapter:
+            critic_state = load_file(str(out_dir / CRITIC_ADAPTER_FILE))
+            result = set_peft_model_state_dict(self.policy, critic_state, adapter_name=CRITIC_ADAPTER)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"critic adapter in {out_dir} does not fit the policy: {result.unexpected_keys[:5]}")
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.steps_done = int(state["steps_done"])
         self._prompt_order = [int(i) for i in state.get("prompt_order", [])]

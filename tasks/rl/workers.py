@@ -105,18 +105,19 @@ def train_ppo(job: PPOJob, accelerator=None, on_checkpoint: Callable[[list[dict]
 
 
 def publish(job: PPOJob) -> None:
-    """Copy the final checkpoint's adapter, value head and trainer state into the run's ppo/ folder,
-    the run's PPO output (the adapter folder is swapped in whole)."""
+    """Copy the final checkpoint's adapter, value head, critic adapter (if any) and trainer state into the
+    run's ppo/ folder, the run's PPO output (the adapter folder is swapped in whole)."""
     from tasks.io.fsutil import replace_dir
-    from tasks.rl.trainer import latest_checkpoint
+    from tasks.rl.trainer import CRITIC_ADAPTER_FILE, latest_checkpoint
 
     final, out_dir = latest_checkpoint(job.checkpoints), Path(job.out_dir)
     staging = out_dir / ".adapter-publishing"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(final / "adapter", staging)
     replace_dir(staging, out_dir / "adapter")
-    for name in ("value_head.safetensors", "trainer_state.json"):
-        shutil.copy2(final / name, out_dir / name)
+    for name in ("value_head.safetensors", CRITIC_ADAPTER_FILE, "trainer_state.json"):
+        if (final / name).exists():  # the critic's adapter only with ppo.critic = "adapter"
+            shutil.copy2(final / name, out_dir / name)
 
 
 def launch_workers(
