@@ -21,7 +21,7 @@ the result only when it measurably is.
 2. **download_adapter** — the supervised LoRA adapter from S3, integrity-checked.
 3. **baseline_eval** — the SFT policy on the held-out prompts: toxicity (P(hate) of
    the reward classifier on the summary), an independent judge, ROUGE-1/2/L.
-4. **ppo_train** — PPO with a fresh LoRA adapter and a value head; reward = the
+4. **ppo_train** — PPO with a fresh LoRA adapter and a critic (`ppo.critic`); reward = the
    classifier's `nothate` logit; per-token KL penalty to the policy with the PPO
    adapter disabled. Resumes from its last checkpoint when retried.
 5. **evaluate** — the candidate under the same prompts, sampling seeds and scorers.
