@@ -268,11 +268,12 @@ def speed(setup: dict, device: str, batch_sizes: list[int], repeats: int) -> lis
 def step_time(setup: dict, device: str, batch_size: int, steps: int) -> None:
     """Wall time of whole PPO steps (rollout + update) and response tokens per second, with each
     critic (``ppo.critic``) on the same prompts, one after the other in this process."""
-    medians = {}
+    medians, prompts = {}, None
     for critic in ("head", "adapter"):
         torch.manual_seed(0)
         trainer, _ = build_trainer(setup, device, batch_size, critic=critic)
-        prompts = load_prompts(setup, trainer.tokenizer, batch_size * (steps + 1))
+        if prompts is None:
+            prompts = load_prompts(setup, trainer.tokenizer, batch_size * (steps + 1))
         trainer.step(prompts[:batch_size])  # warm-up
         times, tokens = [], []
         for i in range(1, steps + 1):

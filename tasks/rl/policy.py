@@ -164,11 +164,12 @@ def _activate_policy_adapters(policy: PeftModel, trained: str = PPO_ADAPTER) -> 
 
 
 def add_critic_adapter(policy: PeftModel) -> None:
-    """A second trainable adapter, :data:`CRITIC_ADAPTER`, configured like the PPO adapter: the critic's own
-    features on the shared base weights. It starts as the SFT model (LoRA's B is zero) and is active only
-    inside :func:`critic_view`, so the policy, its sampler and the reference never see it."""
+    """A second trainable adapter, :data:`CRITIC_ADAPTER`, configured like the PPO adapter, unless the policy
+    has one: the critic's own features on the shared base weights. It starts as the SFT model (LoRA's B is
+    zero) and is active only inside :func:`critic_view`, so the policy, its sampler and the reference never
+    see it."""
     if CRITIC_ADAPTER in policy.peft_config:
-        raise ValueError(f"the policy already has an adapter named {CRITIC_ADAPTER!r}")
+        return
     policy.add_adapter(CRITIC_ADAPTER, copy.deepcopy(policy.peft_config[PPO_ADAPTER]))
     _activate_policy_adapters(policy)
 
@@ -194,16 +195,13 @@ def reference_policy(policy: PeftModel) -> Iterator[None]:
     trainable again after the block (peft's ``enable_adapters`` marks only the active ones).
     """
     frozen = _frozen_adapters(policy)
-    if not frozen:
-        try:
+    try:
+        if frozen:
+            policy.base_model.set_adapter(frozen, inference_mode=True)
+            yield
+        else:
             with policy.disable_adapter():
                 yield
-        finally:
-            _activate_policy_adapters(policy)
-        return
-    policy.base_model.set_adapter(frozen, inference_mode=True)
-    try:
-        yield
     finally:
         _activate_policy_adapters(policy)
 

@@ -186,7 +186,7 @@ class PPOTrainer:
 
         self.tokens = special_tokens(policy, tokenizer)
         self.has_critic_adapter = ppo.critic == "adapter"
-        if self.has_critic_adapter and CRITIC_ADAPTER not in policy.peft_config:
+        if self.has_critic_adapter:
             add_critic_adapter(self.policy)
         disable_dropout(self.policy)  # the critic adapter's LoRA dropout too
         if ppo.gradient_checkpointing:
@@ -198,8 +198,6 @@ class PPOTrainer:
         if not adapter_params:
             raise ValueError("the policy has no trainable parameters: pass a model with a LoRA adapter")
         critic_params = [p for n, p in policy.named_parameters() if p.requires_grad and critic_marker in n]
-        if self.has_critic_adapter and not critic_params:
-            raise ValueError(f"ppo.critic is 'adapter' but the policy's {CRITIC_ADAPTER!r} adapter is not trainable")
         critic_params += list(self.value_head.parameters())
         self.trainable_params = adapter_params + critic_params
         # Two groups: the critic is far from the policy's adapter in how fast it can and must move.
@@ -297,14 +295,24 @@ class PPOTrainer:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Log-probs of ``response_ids`` under teacher forcing, the values, optionally the entropy, all
         in float32 (outside the autocast of the policy's forward pass)."""
-        logits, hidden = self._logits_and_states(prompt_ids, prompt_mask, response_ids, encoder_hidden)
-        # Log-probs of the distribution that was sampled: logits / temperature (Huang et al.).
-        temperature = self.generation.temperature
-        logprobs = token_logprobs(logits, response_ids, temperature)
+        logprobs, logits, hidden = self._policy_logprobs(prompt_ids, prompt_mask, response_ids, encoder_hidden)
         with self._critic_view():
             values = self._values(prompt_ids, prompt_mask, response_ids, hidden)
-        entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+        entropy = entropy_from_logits(logits, self.generation.temperature) if with_entropy else None
         return logprobs, values, entropy
+
+    def _policy_logprobs(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        response_ids: torch.Tensor,
+        encoder_hidden: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The policy's log-probs of ``response_ids`` [B, T], and the logits and last hidden state
+        they come from (:meth:`_logits_and_states`)."""
+        logits, hidden = self._logits_and_states(prompt_ids, prompt_mask, response_ids, encoder_hidden)
+        # Log-probs of the distribution that was sampled: logits / temperature (Huang et al.).
+        return token_logprobs(logits, response_ids, self.generation.temperature), logits, hidden
 
     def _critic_view(self) -> AbstractContextManager:
         """The adapters the critic computes with: :func:`~tasks.rl.policy.critic_view` with the
@@ -481,8 +489,7 @@ class PPOTrainer:
                 for micro_start in range(0, len(mini_batch), self.micro_batch_rows):
                     mb = mini_batch[micro_start : micro_start + self.micro_batch_rows]
                     args = (rollout.prompt_ids[mb], rollout.prompt_mask[mb], rollout.response_ids[mb])
-                    logits, hidden = self._logits_and_states(*args)
-                    new_logprobs = token_logprobs(logits, rollout.response_ids[mb], self.generation.temperature)
+                    new_logprobs, _, hidden = self._policy_logprobs(*args)
                     pg_loss, clipfrac, approx_kl = policy_loss(
                         new_logprobs, rollout.logprobs[mb], advantages[mb], mask[mb], ppo.cliprange
                     )
@@ -658,14 +665,10 @@ class PPOTrainer:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.policy.save_pretrained(str(out_dir / "adapter"), safe_serialization=True, selected_adapters=[PPO_ADAPTER])
-        head_state = {
-            name: tensor.detach().contiguous().cpu() for name, tensor in self.value_head.state_dict().items()
-        }
-        save_file(head_state, str(out_dir / "value_head.safetensors"))
+        _save_tensors(self.value_head.state_dict(), out_dir / "value_head.safetensors")
         if self.has_critic_adapter:
-            critic_state = get_peft_model_state_dict(self.policy, adapter_name=CRITIC_ADAPTER)
-            save_file({name: tensor.detach().contiguous().cpu() for name, tensor in critic_state.items()},
-                      str(out_dir / CRITIC_ADAPTER_FILE))
+            _save_tensors(get_peft_model_state_dict(self.policy, adapter_name=CRITIC_ADAPTER),
+                          out_dir / CRITIC_ADAPTER_FILE)
         state = {
             "steps_done": self.steps_done,
             "kl_controller": self.kl_ctl.state_dict(),
@@ -713,21 +716,21 @@ class PPOTrainer:
         out_dir = Path(out_dir)
         state = json.loads((out_dir / "trainer_state.json").read_text())
         self._check_resumable(state, out_dir)
-        adapter_state = load_file(str(out_dir / "adapter" / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(self.policy, adapter_state, adapter_name=PPO_ADAPTER)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"adapter in {out_dir} does not fit the policy: {result.unexpected_keys[:5]}")
+        self._load_adapter(out_dir / "adapter" / "adapter_model.safetensors", PPO_ADAPTER)
         self.value_head.load_state_dict(
             load_file(str(out_dir / "value_head.safetensors"), device=str(self.device))
         )
         if self.has_critic_adapter:
-            critic_state = load_file(str(out_dir / CRITIC_ADAPTER_FILE))
-            result = set_peft_model_state_dict(self.policy, critic_state, adapter_name=CRITIC_ADAPTER)
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(f"critic adapter in {out_dir} does not fit the policy: {result.unexpected_keys[:5]}")
+            self._load_adapter(out_dir / CRITIC_ADAPTER_FILE, CRITIC_ADAPTER)
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.steps_done = int(state["steps_done"])
         self._prompt_order = [int(i) for i in state.get("prompt_order", [])]
+
+    def _load_adapter(self, path: Path, adapter_name: str) -> None:
+        """The weights of one of the policy's adapters from a safetensors file :meth:`save` wrote."""
+        result = set_peft_model_state_dict(self.policy, load_file(str(path)), adapter_name=adapter_name)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{path} does not fit the policy's {adapter_name!r} adapter: {result.unexpected_keys[:5]}")
 
     def save_checkpoint(self, checkpoint_dir: Path) -> Path:
         """Everything a resume needs, as ``<checkpoint_dir>/step-NNNNNN``: :meth:`save`'s files plus
@@ -824,6 +827,11 @@ def _checkpoints(checkpoint_dir: Path) -> list[Path]:
         if path.is_dir() and path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX):].isdigit()
     ]
     return sorted(found, key=checkpoint_step)
+
+
+def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A state dict as a safetensors file, on the CPU and contiguous as safetensors needs."""
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in state.items()}, str(path))
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:

@@ -115,9 +115,11 @@ def publish(job: PPOJob) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(final / "adapter", staging)
     replace_dir(staging, out_dir / "adapter")
-    for name in ("value_head.safetensors", CRITIC_ADAPTER_FILE, "trainer_state.json"):
-        if (final / name).exists():  # the critic's adapter only with ppo.critic = "adapter"
-            shutil.copy2(final / name, out_dir / name)
+    names = ["value_head.safetensors", "trainer_state.json"]
+    if (final / CRITIC_ADAPTER_FILE).exists():  # with ppo.critic = "adapter"
+        names.append(CRITIC_ADAPTER_FILE)
+    for name in names:
+        shutil.copy2(final / name, out_dir / name)
 
 
 def launch_workers(
