@@ -29,12 +29,16 @@ up: $(STAMP)
 	exec $(VENV)/bin/detox up
 
 # PYTEST_ARGS: extra pytest options, e.g. make test PYTEST_ARGS="--durations=25 -x".
+# PYTEST_WORKERS: pytest-xdist processes (0: none). Whole modules go to one worker (tests/conftest.py
+# groups them), in the order conftest.py gives, hence --no-loadscope-reorder.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 test: $(STAMP)
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The edit loop: no embedded build, no DAG runs; tiny models made from a config only.
 test-fast: $(STAMP)
-	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,5 @@
-import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import pytest  # noqa: E402
 from stack_fixtures import airflow_api, stack  # noqa: E402, F401  (the served stack, one per session)
-from support import FINDERS, REQUIRE_VARIABLE, build_tiny_world, required_dependencies  # noqa: E402
+from support import FINDERS, REQUIRE_VARIABLE, build_tiny_world, copy_embedded_builds, required_dependencies  # noqa: E402
 
 from tasks.embedded.builds import build_embedded_default  # noqa: E402
 
@@ -25,41 +24,76 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # A test that uses one of these needs the embedded default: a build of minutes on a cold start.
 EMBEDDED_FIXTURES = {"embedded", "demo", "detox_home"}
-HOME_KEY = pytest.StashKey[Path]()
 BUILD_KEY = pytest.StashKey[subprocess.Popen]()
+BUILD_HOME = "build-home"  # not "embedded...": copy_embedded_builds finds the builds' own folders by that prefix
+BUILD_PID = "background-build.pid"
+
+# pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) hands out whole groups: a module
+# (named by its file's stem; its module fixtures run once), or the modules on the served stack (one
+# stack per worker that has one). Slow groups go out longest first, so that the last to finish is a
+# short one; durations on two cores, one worker: the stack's 330 s, test_end_to_end's 200 s, the tiny
+# Llama's CLI run 190 s (and it waits for that build, the last), Postgres 110 s, the reward model's
+# 105 s, the rest under 35 s.
+STACK_GROUP = "stack"
+CAUSAL_GROUP = "causal"
+LONG_GROUPS = (STACK_GROUP, "test_end_to_end", CAUSAL_GROUP, "test_postgres", "test_reward_end_to_end")
 
 
 def needs_embedded(item) -> bool:
     return bool(EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())))
 
 
-def run_order(item) -> tuple[bool, bool]:
-    """Tests without the embedded default first, those on the tiny Llama (built last) at the end."""
-    return needs_embedded(item), "causal_build" in getattr(item, "fixturenames", ())
+def module_of(item) -> str:
+    return item.nodeid.split("::")[0]
 
 
+@pytest.hookimpl(wrapper=True)  # before every other implementation: pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """Tests on the embedded default are ``slow`` whatever their module says, so ``make test-fast``
     (``-m "not slow"``) never starts the build. They run last: the build runs in the background
-    meanwhile (see :func:`pytest_collection_finish`), the tiny Llama's last. The order is otherwise
-    the files' own."""
+    meanwhile (see :func:`pytest_collection_finish`), longest groups first (:data:`LONG_GROUPS`)."""
+    on_stack = {module_of(item) for item in items if "stack" in getattr(item, "fixturenames", ())}
+    groups = {}
     for item in items:
         if needs_embedded(item):
             item.add_marker(pytest.mark.slow)
+        if "causal_build" in getattr(item, "fixturenames", ()):
+            groups[item] = CAUSAL_GROUP
+        else:
+            groups[item] = STACK_GROUP if module_of(item) in on_stack else Path(module_of(item)).stem
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+
+    def run_order(item) -> tuple[bool, int]:
+        group = groups[item]
+        return needs_embedded(item), LONG_GROUPS.index(group) if group in LONG_GROUPS else len(LONG_GROUPS)
+
     items.sort(key=run_order)
+    return (yield)
+
+
+def shared_root(config) -> Path:
+    """A folder every process of this test session sees: the base temporary folder, or under
+    pytest-xdist the controller's, which holds each worker's."""
+    base = config._tmp_path_factory.getbasetemp()
+    return base.parent if hasattr(config, "workerinput") else base
 
 
 def pytest_collection_finish(session):
     """Start building the embedded default (with the reward model's base the demo needs, and the
     tiny Llama when a selected test needs it) in a background process as soon as the selected
     tests are known, so the minutes of a cold build overlap with the tests that do not need it.
-    The ``embedded`` fixture takes the build's lock, so it waits for this build and finds it
-    complete (or builds itself if this one failed)."""
+
+    One build per session, in :data:`BUILD_HOME` under :func:`shared_root`: under pytest-xdist the
+    first worker to get there starts it. The ``embedded`` fixture takes the build's lock, so it waits
+    for this build and finds it complete (or builds itself if this one failed)."""
     config = session.config
     if config.option.collectonly or not any(needs_embedded(item) for item in session.items):
         return
-    home = config._tmp_path_factory.mktemp("home")
-    config.stash[HOME_KEY] = home
+    home = shared_root(config) / BUILD_HOME
+    try:
+        home.mkdir()
+    except FileExistsError:  # another worker started it
+        return
     source = os.environ.get("DETOX_TEST_EMBEDDED_FROM")
     if source:
         copy_embedded_builds(Path(source), home)
@@ -71,6 +105,7 @@ def pytest_collection_finish(session):
     with (home / "background-build.log").open("w") as log:
         process = subprocess.Popen([sys.executable, "-c", script, str(home)], stdout=log, stderr=subprocess.STDOUT)
     config.stash[BUILD_KEY] = process
+    (home / BUILD_PID).write_text(str(process.pid))
     # Hold on until it has the lock: a fixture asking first would build a second time in parallel.
     lock = home / ".embedded.lock"
     deadline = time.monotonic() + 120
@@ -79,23 +114,23 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session):
-    process = session.config.stash.get(BUILD_KEY, None)
-    if process is not None and process.poll() is None:  # the session ended before needing the build
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def copy_embedded_builds(source: Path, home: Path) -> None:
-    """The embedded builds of another home (``DETOX_TEST_EMBEDDED_FROM``), re-pointed at ``home``;
-    they are checked like any earlier build."""
-    for build in source.glob("embedded*"):
-        shutil.copytree(build, home / build.name)
-    for adapter_config in home.glob("embedded*/**/adapter_config.json"):  # its base model moves along
-        config = json.loads(adapter_config.read_text())
-        parts = Path(config["base_model_name_or_path"]).parts
-        start = next(i for i, part in enumerate(parts) if part.startswith("embedded"))
-        config["base_model_name_or_path"] = str(home.joinpath(*parts[start:]))
-        adapter_config.write_text(json.dumps(config, indent=2))
+    """A build still running when the session ends (no selected test needed it in the end) is
+    stopped: by the process that started it, or under pytest-xdist by the controller, once every
+    worker is done."""
+    config = session.config
+    process = config.stash.get(BUILD_KEY, None)
+    if process is not None and not hasattr(config, "workerinput"):
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
+        return
+    pid_file = shared_root(config) / BUILD_HOME / BUILD_PID
+    if hasattr(config, "workerinput") or not pid_file.exists():
+        return
+    try:
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    except ProcessLookupError:  # it had finished
+        pass
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -129,17 +164,23 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def detox_home(request):
-    """One DETOX_HOME per test session: embedded default, MLflow and Airflow databases, run folders.
+def detox_home(tmp_path_factory):
+    """One DETOX_HOME per test session (per worker under pytest-xdist): embedded default (copied from
+    the session's build, see :func:`embedded`), MLflow and Airflow databases, run folders.
 
-    Its embedded default is being built in the background since collection ended (see
-    :func:`pytest_collection_finish`); the ``embedded`` fixture waits for it. A developer may set
-    ``DETOX_TEST_EMBEDDED_FROM`` to a home whose embedded builds are copied in instead of built
-    (about five minutes saved). CI leaves it unset and builds from scratch.
+    A developer may set ``DETOX_TEST_EMBEDDED_FROM`` to a home whose embedded builds are copied in
+    instead of built (about five minutes saved). CI leaves it unset and builds from scratch.
     """
-    if HOME_KEY not in request.config.stash:  # asked for through request.getfixturevalue: no head start
-        request.config.stash[HOME_KEY] = request.config._tmp_path_factory.mktemp("home")
-    return request.config.stash[HOME_KEY]
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="session")
+def build_home(request) -> Path:
+    """Where the session's embedded builds are made, once for every worker (see
+    :func:`pytest_collection_finish`)."""
+    home = shared_root(request.config) / BUILD_HOME
+    home.mkdir(exist_ok=True)
+    return home
 
 
 @pytest.fixture(scope="session")
@@ -164,16 +205,24 @@ def tiny_env(tiny_world):
 
 
 @pytest.fixture(scope="session")
-def embedded(detox_home):
-    """The embedded default, built once per test session into a temporary home."""
-    return build_embedded_default(home=detox_home)
+def embedded(detox_home, build_home):
+    """The embedded default and the reward model's base the demo needs: built once per test session
+    (waiting for the background build), copied into this process's home (15 MB)."""
+    from tasks.embedded.reward import build_embedded_reward
+
+    build_embedded_default(build_home)
+    build_embedded_reward(build_home)
+    copy_embedded_builds(build_home, detox_home, ("embedded", "embedded-reward"))
+    return build_embedded_default(detox_home)
 
 
 @pytest.fixture(scope="session")
-def causal_build(detox_home, embedded):
+def causal_build(detox_home, build_home, embedded):
     """The embedded tiny Llama policy and its SFT adapter (the background build makes it last)."""
     from tasks.embedded.causal import build_embedded_causal
 
+    build_embedded_causal(build_home)
+    copy_embedded_builds(build_home, detox_home, ("embedded-causal",))
     return build_embedded_causal(detox_home)
 
 

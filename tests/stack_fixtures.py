@@ -10,31 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import requests
+from support import copy_embedded_builds
 
 from tasks.io.s3_server import free_port
-
-
-def copy_embedded_builds(source: Path, home: Path) -> None:
-    """The embedded builds of ``source`` into ``home``, adapters pointed at the copied base models."""
-    for build in source.glob("embedded*"):
-        if build.is_dir() and not (home / build.name).exists():
-            shutil.copytree(build, home / build.name)
-    for adapter_config in home.glob("embedded*/**/adapter_config.json"):
-        config = json.loads(adapter_config.read_text())
-        parts = Path(config["base_model_name_or_path"]).parts
-        start = next(i for i, part in enumerate(parts) if part.startswith("embedded"))
-        config["base_model_name_or_path"] = str(home.joinpath(*parts[start:]))
-        adapter_config.write_text(json.dumps(config, indent=2))
 
 
 class AirflowAPI:
@@ -66,7 +52,7 @@ class AirflowAPI:
             run = self.get(f"/dags/{dag_id}/dagRuns/{run_id}")
             if run["state"] in ("success", "failed"):
                 return run
-            time.sleep(5)
+            time.sleep(2)
         states = {ti["task_id"]: ti["state"] for ti in self.task_instances(dag_id, run_id)}
         raise AssertionError(f"{run_id} did not end within {timeout_s:.0f} s: {states}")
 

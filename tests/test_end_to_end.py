@@ -10,6 +10,7 @@ from pathlib import Path
 import matplotlib.image
 import mlflow
 import pytest
+from support import TEST_CRITIC
 
 from tasks.config import RunConfig
 from tasks.io.s3 import AdapterDownloadError
@@ -32,12 +33,12 @@ def run_tags(report: dict) -> dict:
 
 
 NAME = RunConfig.for_profile("demo").registered_model_name
-# The demo profile with fewer PPO steps, as the runs here only need a clear outcome: 16 steps (the
-# demo runs 70) take toxicity from 0.283 to 0.084 on the whole held-out split, the 95% interval of
-# the change [-0.251, -0.147]; 8 steps: see PROMOTING_FORM in tests/support.py. The demo's own
-# outcome, over PPO seeds, is benchmarks/demo_seeds.py's.
-FIRST_STEPS = {"ppo.steps": 16}
-SHORT_STEPS = {"ppo.steps": 8}
+# The demo profile with fewer PPO steps and the tests' critic (tests/support.py), as the runs here only
+# need a clear outcome: 16 steps (the demo runs 70) take toxicity from 0.283 to 0.084 on the whole
+# held-out split, the 95% interval of the change [-0.251, -0.147]; 8 steps: see PROMOTING_FORM in
+# tests/support.py. The demo's own outcome, over PPO seeds, is benchmarks/demo_seeds.py's.
+FIRST_STEPS = {"ppo.steps": 16, **TEST_CRITIC}
+SHORT_STEPS = {"ppo.steps": 8, **TEST_CRITIC}
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_an_operator_can_audit_the_champion(first_promotion):
 def test_gate_that_cannot_be_met_registers_nothing(first_promotion):
     before = registered_versions(NAME)
 
-    report = run_pipeline("airflow", {"ppo.steps": 2, "promotion.min_toxicity_reduction": 1.0})
+    report = run_pipeline("airflow", {"ppo.steps": 2, **TEST_CRITIC, "promotion.min_toxicity_reduction": 1.0})
 
     assert report["decision"] == "reject"
     assert "toxicity_reduced" in report["failed_checks"].split(",")
@@ -154,9 +155,10 @@ def test_a_better_champion_is_not_replaced(first_promotion):
 
 
 def test_promotion_keeps_the_replaced_champion_as_previous(first_promotion):
+    """The one DAG run here that trains the demo's own critic (an adapter of its own) and promotes."""
     replaced = champion(NAME).version
 
-    report = run_pipeline("airflow", {**SHORT_STEPS, "promotion.compare_with_champion": False})
+    report = run_pipeline("airflow", {"ppo.steps": 8, "promotion.compare_with_champion": False})
 
     assert report["decision"] == "promote"
     assert champion(NAME).version != replaced
@@ -187,7 +189,8 @@ REPORT = re.compile(
 def test_causal_policy_runs_the_same_chain_from_the_command_line(demo, detox_home, causal_build):
     """`detox demo --family causal`: the embedded tiny Llama (the TinyLlama seed's family) through the
     same DAG. What it prints last is the README's headline report, checked against the MLflow run."""
-    completed = subprocess.run([sys.executable, "-m", "tasks.cli", "demo", "--family", "causal"],
+    critic = [f"--set={key}={value}" for key, value in TEST_CRITIC.items()]
+    completed = subprocess.run([sys.executable, "-m", "tasks.cli", "demo", "--family", "causal", *critic],
                                capture_output=True, text=True, env=dict(os.environ), timeout=1200)
     assert completed.returncode == 0, completed.stderr[-3000:]
     printed = REPORT.search(completed.stdout[completed.stdout.rindex("=== detox_retrain demo ==="):])

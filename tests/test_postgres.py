@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from stack_fixtures import AirflowAPI, copy_embedded_builds
-from support import PROMOTING_FORM, postgres_bin
+from stack_fixtures import AirflowAPI
+from support import PROMOTING_FORM, copy_embedded_builds, postgres_bin
 
 from tasks.io.s3_server import free_port
 from tasks.local.demo import DAG_ID

@@ -5,6 +5,7 @@ import json
 import mlflow
 import pandas as pd
 import pytest
+from support import TEST_CRITIC
 
 from tasks.config import RewardRunConfig
 from tasks.local.demo import run_pipeline, run_reward_pipeline
@@ -66,6 +67,7 @@ def test_detox_retrain_with_the_registered_reward_lowers_toxicity_under_the_judg
     # 16 PPO steps (the demo runs 70): the judge's drop is about -38%, its 95% interval's top about -0.05.
     report = run_pipeline("airflow", {
         "ppo.steps": 16,
+        **TEST_CRITIC,
         "model.reward_model_name": f"models:/{REWARD}@champion",
         "registered_model_name": "detox-summarizer-prefreward-demo",
     })

@@ -28,7 +28,7 @@ GPU_TASKS = {"baseline_eval", "ppo_train", "evaluate", "champion_eval"}
 FIRST_CONF = PROMOTING_FORM
 # The same evaluation protocol (so the champion's metrics come from its version tags), a token PPO
 # run, and a threshold no model can pass: the gate must refuse.
-SECOND_CONF = {"ppo_steps": 1, "eval_samples": 120, "min_toxicity_reduction": 1.0}
+SECOND_CONF = {**PROMOTING_FORM, "ppo_steps": 1, "min_toxicity_reduction": 1.0}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
