@@ -13,7 +13,14 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import pytest  # noqa: E402
 from stack_fixtures import airflow_api, stack  # noqa: E402, F401  (the served stack, one per session)
-from support import FINDERS, REQUIRE_VARIABLE, build_tiny_world, copy_embedded_builds, required_dependencies  # noqa: E402
+from support import (  # noqa: E402
+    FINDERS,
+    REQUIRE_VARIABLE,
+    build_tiny_world,
+    copy_embedded_builds,
+    required_dependencies,
+    shared_root,
+)
 
 from tasks.embedded.builds import build_embedded_default  # noqa: E402
 
@@ -71,13 +78,6 @@ def pytest_collection_modifyitems(config, items):
     return (yield)
 
 
-def shared_root(config) -> Path:
-    """A folder every process of this test session sees: the base temporary folder, or under
-    pytest-xdist the controller's, which holds each worker's."""
-    base = config._tmp_path_factory.getbasetemp()
-    return base.parent if hasattr(config, "workerinput") else base
-
-
 def pytest_collection_finish(session):
     """Start building the embedded default (with the reward model's base the demo needs, and the
     tiny Llama when a selected test needs it) in a background process as soon as the selected
@@ -118,18 +118,20 @@ def pytest_sessionfinish(session):
     stopped: by the process that started it, or under pytest-xdist by the controller, once every
     worker is done."""
     config = session.config
+    if hasattr(config, "workerinput"):
+        return
     process = config.stash.get(BUILD_KEY, None)
-    if process is not None and not hasattr(config, "workerinput"):
+    if process is not None:  # started here, without pytest-xdist
         if process.poll() is None:
             process.terminate()
             process.wait(timeout=30)
         return
-    pid_file = shared_root(config) / BUILD_HOME / BUILD_PID
-    if hasattr(config, "workerinput") or not pid_file.exists():
-        return
-    try:
-        os.kill(int(pid_file.read_text()), signal.SIGTERM)
-    except ProcessLookupError:  # it had finished
+    home = shared_root(config) / BUILD_HOME
+    try:  # started by a worker; its id may belong to another process by now, so check the command line
+        pid = int((home / BUILD_PID).read_text())
+        if str(home) in Path(f"/proc/{pid}/cmdline").read_text():
+            os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):  # no build started, or it has ended
         pass
 
 

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import requests
-from support import copy_embedded_builds
+from support import copy_embedded_builds, shared_root
 
 from tasks.io.s3_server import free_port
 
@@ -74,10 +74,15 @@ def group_alive(pgid: int) -> bool:
 
 
 @pytest.fixture(scope="session")
-def stack(embedded, detox_home, tmp_path_factory):
+def stack(embedded, detox_home, tmp_path_factory, request):
     """The whole stack started as ``make up`` starts it (``detox up`` in a process group of its own) on
     free ports; at session end, Ctrl-C (SIGINT) to that group must leave nothing alive or listening
-    within 30 s."""
+    within 30 s. One per session: under pytest-xdist its modules share one worker (tests/conftest.py)."""
+    try:
+        (shared_root(request.config) / "stack-started").open("x").close()
+    except FileExistsError:
+        pytest.fail("a second stack in this session: pytest-xdist did not keep the modules on the stack on "
+                    "one worker (their xdist_group marks, tests/conftest.py)", pytrace=False)
     home = tmp_path_factory.mktemp("stack-home")
     copy_embedded_builds(detox_home, home)
     groups: list[int] = []

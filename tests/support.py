@@ -84,6 +84,13 @@ def require(dependency: str, found: object = None, missing: str | None = None):
     pytest.skip(reason)
 
 
+def shared_root(config) -> Path:
+    """A folder every process of this test session sees: the base temporary folder, or under
+    pytest-xdist the controller's, which holds each worker's."""
+    base = config._tmp_path_factory.getbasetemp()
+    return base.parent if hasattr(config, "workerinput") else base
+
+
 def copy_embedded_builds(source: Path, home: Path, names: tuple[str, ...] | None = None) -> None:
     """The embedded builds of ``source`` (those in ``names``, default all) into ``home``, their
     adapters pointed at the copied base models."""
