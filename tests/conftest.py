@@ -31,7 +31,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # A test that uses one of these needs the embedded default: a build of minutes on a cold start.
 EMBEDDED_FIXTURES = {"embedded", "demo", "detox_home"}
-BUILD_KEY = pytest.StashKey[subprocess.Popen]()
 BUILD_HOME = "build-home"  # not "embedded...": copy_embedded_builds finds the builds' own folders by that prefix
 BUILD_PID = "background-build.pid"
 
@@ -104,7 +103,6 @@ def pytest_collection_finish(session):
               f"home = Path(sys.argv[1]); {'; '.join(f'{build}(home)' for build in builds)}")
     with (home / "background-build.log").open("w") as log:
         process = subprocess.Popen([sys.executable, "-c", script, str(home)], stdout=log, stderr=subprocess.STDOUT)
-    config.stash[BUILD_KEY] = process
     (home / BUILD_PID).write_text(str(process.pid))
     # Hold on until it has the lock: a fixture asking first would build a second time in parallel.
     lock = home / ".embedded.lock"
@@ -115,19 +113,12 @@ def pytest_collection_finish(session):
 
 def pytest_sessionfinish(session):
     """A build still running when the session ends (no selected test needed it in the end) is
-    stopped: by the process that started it, or under pytest-xdist by the controller, once every
-    worker is done."""
-    config = session.config
-    if hasattr(config, "workerinput"):
+    stopped, by the only process or under pytest-xdist by the controller once every worker is done.
+    Its pid may belong to another process by then, so the command line must name the build's home."""
+    if hasattr(session.config, "workerinput"):
         return
-    process = config.stash.get(BUILD_KEY, None)
-    if process is not None:  # started here, without pytest-xdist
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=30)
-        return
-    home = shared_root(config) / BUILD_HOME
-    try:  # started by a worker; its id may belong to another process by now, so check the command line
+    home = shared_root(session.config) / BUILD_HOME
+    try:
         pid = int((home / BUILD_PID).read_text())
         if str(home) in Path(f"/proc/{pid}/cmdline").read_text():
             os.kill(pid, signal.SIGTERM)
