@@ -12,7 +12,7 @@ from pathlib import Path
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import pytest  # noqa: E402
-from stack_fixtures import airflow_api, stack  # noqa: E402, F401  (the served stack, one per session)
+from stack_fixtures import airflow_api, approved_run, browser, shots, stack  # noqa: E402, F401  (the served stack)
 from support import (  # noqa: E402
     FINDERS,
     REQUIRE_VARIABLE,

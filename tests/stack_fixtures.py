@@ -4,6 +4,8 @@ that needs a real scheduler, the Airflow UI and REST API, or the MLflow server.
 ``stack`` yields what ``stack.json`` holds (``airflow_url``, ``mlflow_url``, ``s3_endpoint``,
 ``username``, ``password``, ``home``, ...) while the stack runs on free ports, in a home of its own
 that holds a copy of the session's embedded default. ``airflow_api`` wraps its REST API.
+``browser`` is a headless Chromium page logged in to its UI; ``approved_run`` the session's first
+``detox_retrain`` run, approved there.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import requests
-from support import copy_embedded_builds, shared_root
+from support import PROMOTING_FORM, copy_embedded_builds, require, shared_root
 
 from tasks.io.s3_server import free_port
+from tasks.local.demo import DAG_ID
 
 
 class AirflowAPI:
@@ -122,3 +127,101 @@ def stack(embedded, detox_home, tmp_path_factory, request):
 @pytest.fixture(scope="session")
 def airflow_api(stack) -> AirflowAPI:
     return AirflowAPI(stack)
+
+
+# Promotes on the embedded default (see tests/support.py), then asks a person. No champion comparison,
+# so a second run with it reaches the question whatever the first registered.
+APPROVAL_CONF = {**PROMOTING_FORM, "require_approval": True,
+                 "overrides": {**PROMOTING_FORM["overrides"], "promotion.compare_with_champion": False}}
+
+
+@pytest.fixture(scope="session")
+def browser(stack, airflow_api):
+    """A headless Chromium page logged in to the stack's Airflow UI (skipped where Chromium is missing,
+    failed in CI: ``DETOX_REQUIRE`` names it)."""
+    chromium_path = require("chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=chromium_path, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+        # The UI's own cookie, as after its login page.
+        context.add_cookies([{"name": "_token", "value": airflow_api.token, "url": stack["airflow_url"]}])
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        yield page
+        chromium.close()
+
+
+@pytest.fixture(scope="session")
+def shots(stack) -> Path:
+    folder = Path(os.environ.get("DETOX_SCREENSHOT_DIR") or Path(stack["home"]) / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def wait_for_task(airflow_api, run_id: str, task_id: str, states: set[str], timeout_s: float = 900) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        tasks = {ti["task_id"]: ti["state"] for ti in airflow_api.task_instances(DAG_ID, run_id)}
+        if tasks.get(task_id) in states:
+            return tasks[task_id]
+        failed = [name for name, state in tasks.items() if state == "failed"]
+        assert not failed, f"{run_id}: {failed} failed"
+        time.sleep(2)
+    raise AssertionError(f"{task_id} of {run_id} not in {states} within {timeout_s:.0f} s")
+
+
+def wait_for_the_deferral_report(stack, run_id: str, timeout_s: float = 120) -> None:
+    """Until the scheduler has taken in the executor's report that the approval task's first
+    attempt ended (it defers, awaiting input).
+
+    Airflow 3.3 fails a deferred task whose resumed attempt is already running when that report
+    comes in (apache/airflow#72716, open): an answer given within seconds of the request fails the
+    approval once, and its retry asks again. A reviewer takes longer than that; on a loaded machine
+    a test may not, so it waits for the scheduler's log line instead of guessing a delay."""
+    log = Path(stack["logs"]) / "airflow-scheduler.log"
+    wanted = f"task_id='approval', run_id='{run_id}'"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any("Received executor event" in line and wanted in line for line in log.read_text().splitlines()):
+            return
+        time.sleep(1)
+    raise AssertionError(f"no executor event for the approval of {run_id} in {log} within {timeout_s:.0f} s")
+
+
+def answer_approval(page, stack, run_id: str, option: str, comment: str, shot: Path | None = None) -> None:
+    """Airflow's own required-actions page of the approval task: the comment, then the button."""
+    wait_for_the_deferral_report(stack, run_id)
+    page.goto(f"{stack['airflow_url']}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/tasks/approval/required_actions")
+    try:
+        page.get_by_text("Register this detox_retrain candidate?").first.wait_for()
+        page.get_by_role("textbox").first.fill(comment)
+        if shot:
+            page.screenshot(path=str(shot), full_page=True)
+        with page.expect_response(lambda r: r.request.method == "PATCH" and "hitlDetails" in r.url) as answer:
+            page.get_by_role("button", name=option).click()
+        assert answer.value.ok, answer.value.text()
+        page.goto("about:blank")  # Airflow's pages poll the API while open: no CPU for that while the run goes on
+    except Exception:
+        failed = Path(stack["home"]) / "approval-failure"
+        page.screenshot(path=f"{failed}.png", full_page=True)
+        Path(f"{failed}.html").write_text(page.content())
+        raise
+
+
+@pytest.fixture(scope="session")
+def approved_run(stack, airflow_api, browser, shots) -> str:
+    """The session's first ``detox_retrain`` run on the stack, as a user makes it: triggered through
+    the REST API with the trigger form's values, approved in Airflow's UI with a comment once its
+    gate promotes. It registers the first champion of the demo's model. Shared by
+    tests/test_stack.py (the run, the pool, the champion) and tests/test_plugin_live.py (the report,
+    labeling, the approval), so the stack trains one such run instead of two."""
+    run_id = airflow_api.trigger(DAG_ID, APPROVAL_CONF)
+    assert wait_for_task(airflow_api, run_id, "approval", {"awaiting_input", "skipped"}) == "awaiting_input"
+    answer_approval(browser, stack, run_id, "Approve", "summaries read well", shots / "approval.png")
+    run = airflow_api.wait_for_run(DAG_ID, run_id)
+    assert run["state"] == "success", airflow_api.task_instances(DAG_ID, run_id)
+    return run_id

@@ -174,6 +174,11 @@ def test_missing_adapter_in_s3_is_a_clear_error(demo):
     assert not config.run_dir("missing-adapter").joinpath("adapters", "sft").exists()
 
 
+# The tiny Llama's PPO steps (the demo runs 70): with the tests' critic, 32 steps take its toxicity
+# from 0.274 to 0.044 (95% interval of the change [-0.291, -0.173]), ROUGE-L from 0.523 to 0.508;
+# 28 steps to 0.083, 20 steps only to 0.209 (-24%, where the test asks for at least -20%).
+CAUSAL_STEPS = 32
+
 REPORT = re.compile(
     r"=== detox_retrain demo ===\n"
     r"run: +(?P<run_key>\S+) \(MLflow run (?P<run_id>\w+)\)\n"
@@ -189,8 +194,8 @@ REPORT = re.compile(
 def test_causal_policy_runs_the_same_chain_from_the_command_line(demo, detox_home, causal_build):
     """`detox demo --family causal`: the embedded tiny Llama (the TinyLlama seed's family) through the
     same DAG. What it prints last is the README's headline report, checked against the MLflow run."""
-    critic = [f"--set={key}={value}" for key, value in TEST_CRITIC.items()]
-    completed = subprocess.run([sys.executable, "-m", "tasks.cli", "demo", "--family", "causal", *critic],
+    overrides = [f"--set={key}={value}" for key, value in {**TEST_CRITIC, "ppo.steps": CAUSAL_STEPS}.items()]
+    completed = subprocess.run([sys.executable, "-m", "tasks.cli", "demo", "--family", "causal", *overrides],
                                capture_output=True, text=True, env=dict(os.environ), timeout=1200)
     assert completed.returncode == 0, completed.stderr[-3000:]
     printed = REPORT.search(completed.stdout[completed.stdout.rindex("=== detox_retrain demo ==="):])
@@ -217,4 +222,4 @@ def test_causal_policy_runs_the_same_chain_from_the_command_line(demo, detox_hom
     name = causal_overrides(detox_home)["registered_model_name"]
     assert report["model_uri"] == f"models:/{name}@champion"
     ppo_steps = [m.step for m in tracking.client().get_metric_history(report["run_id"], "ppo/kl")]
-    assert sorted(ppo_steps) == list(range(RunConfig.for_profile("demo").ppo.steps))
+    assert sorted(ppo_steps) == list(range(CAUSAL_STEPS))

@@ -3,117 +3,30 @@ read a finished run's report, rank three items and train a reward model from the
 run and reject another.
 
 Two ``detox_retrain`` runs with ``require_approval`` (8 PPO steps on 120 held-out prompts, set up
-to promote on the embedded default): the first is approved, the second rejected; the report and the
-labeling use the first. Screenshots go to ``DETOX_SCREENSHOT_DIR`` (the README's are made this
-way) or the stack's home.
+to promote on the embedded default): the first is the session's ``approved_run``
+(tests/stack_fixtures.py, which tests/test_stack.py checks too), the second is rejected here; the
+report and the labeling use the first. Screenshots go to ``DETOX_SCREENSHOT_DIR`` (the README's are
+made this way) or the stack's home.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import time
-from pathlib import Path
 from urllib.parse import quote
 
 import boto3
 import pytest
 import requests
-from support import PROMOTING_FORM
+from stack_fixtures import APPROVAL_CONF, answer_approval, wait_for_task
 
 from tasks.io.s3_server import DUMMY_CREDENTIAL, REGION
 from tasks.local.demo import DAG_ID
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REWARD_DAG = "reward_model_train"
-# Promotes on the embedded default (see tests/support.py). No champion comparison, so the outcome
-# does not depend on which runs of the session came before.
-APPROVAL_CONF = {**PROMOTING_FORM, "require_approval": True,
-                 # Registered under a name of their own: the stack is shared, and tests/test_stack.py
-                 # expects the first champion of detox-summarizer-demo to be its own run's.
-                 "overrides": {**PROMOTING_FORM["overrides"], "promotion.compare_with_champion": False,
-                               "registered_model_name": "detox-summarizer-approval-demo"}}
 LABELS = ("detox-demo", "labels/")
-
-
-@pytest.fixture(scope="module")
-def browser(stack, airflow_api):
-    if CHROMIUM is None:
-        pytest.skip("chromium not installed (.ci/run installs Debian's)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        context = chromium.new_context(viewport={"width": 1400, "height": 1000})
-        # The UI's own cookie, as after its login page.
-        context.add_cookies([{"name": "_token", "value": airflow_api.token, "url": stack["airflow_url"]}])
-        page = context.new_page()
-        page.set_default_timeout(120_000)
-        yield page
-        chromium.close()
-
-
-@pytest.fixture(scope="module")
-def shots(stack) -> Path:
-    folder = Path(os.environ.get("DETOX_SCREENSHOT_DIR") or Path(stack["home"]) / "screenshots")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def wait_for_task(airflow_api, run_id: str, task_id: str, states: set[str], timeout_s: float = 900) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        tasks = {ti["task_id"]: ti["state"] for ti in airflow_api.task_instances(DAG_ID, run_id)}
-        if tasks.get(task_id) in states:
-            return tasks[task_id]
-        failed = [name for name, state in tasks.items() if state == "failed"]
-        assert not failed, f"{run_id}: {failed} failed"
-        time.sleep(2)
-    raise AssertionError(f"{task_id} of {run_id} not in {states} within {timeout_s:.0f} s")
-
-
-def wait_for_the_deferral_report(stack, run_id: str, timeout_s: float = 120) -> None:
-    """Until the scheduler has taken in the executor's report that the approval task's first
-    attempt ended (it defers, awaiting input).
-
-    Airflow 3.3 fails a deferred task whose resumed attempt is already running when that report
-    comes in (apache/airflow#72716, open): an answer given within seconds of the request fails the
-    approval once, and its retry asks again. A reviewer takes longer than that; on a loaded machine
-    a test may not, so it waits for the scheduler's log line instead of guessing a delay."""
-    log = Path(stack["logs"]) / "airflow-scheduler.log"
-    wanted = f"task_id='approval', run_id='{run_id}'"
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if any("Received executor event" in line and wanted in line for line in log.read_text().splitlines()):
-            return
-        time.sleep(1)
-    raise AssertionError(f"no executor event for the approval of {run_id} in {log} within {timeout_s:.0f} s")
-
-
-def answer_approval(page, stack, run_id: str, option: str, comment: str, shot: Path | None = None) -> None:
-    """Airflow's own required-actions page of the approval task: the comment, then the button."""
-    wait_for_the_deferral_report(stack, run_id)
-    page.goto(f"{stack['airflow_url']}/dags/{DAG_ID}/runs/{quote(run_id, safe='')}/tasks/approval/required_actions")
-    try:
-        page.get_by_text("Register this detox_retrain candidate?").first.wait_for()
-        page.get_by_role("textbox").first.fill(comment)
-        if shot:
-            page.screenshot(path=str(shot), full_page=True)
-        with page.expect_response(lambda r: r.request.method == "PATCH" and "hitlDetails" in r.url) as answer:
-            page.get_by_role("button", name=option).click()
-        assert answer.value.ok, answer.value.text()
-        page.goto("about:blank")  # Airflow's pages poll the API while open: no CPU for that while the run goes on
-    except Exception:
-        failed = Path(stack["home"]) / "approval-failure"
-        page.screenshot(path=f"{failed}.png", full_page=True)
-        Path(f"{failed}.html").write_text(page.content())
-        raise
 
 
 def mlflow_tags(stack, run_id: str) -> dict:
@@ -133,17 +46,6 @@ def label_records(stack) -> list[dict]:
     listed = client.list_objects_v2(Bucket=LABELS[0], Prefix=LABELS[1])
     return [json.loads(client.get_object(Bucket=LABELS[0], Key=entry["Key"])["Body"].read())
             for entry in listed.get("Contents", [])]
-
-
-@pytest.fixture(scope="module")
-def approved_run(stack, airflow_api, browser, shots) -> str:
-    """The first run, approved in Airflow's UI with a comment once its gate promotes."""
-    run_id = airflow_api.trigger(DAG_ID, APPROVAL_CONF)
-    assert wait_for_task(airflow_api, run_id, "approval", {"awaiting_input", "skipped"}) == "awaiting_input"
-    answer_approval(browser, stack, run_id, "Approve", "summaries read well", shots / "approval.png")
-    run = airflow_api.wait_for_run(DAG_ID, run_id)
-    assert run["state"] == "success"
-    return run_id
 
 
 @pytest.fixture(scope="module")

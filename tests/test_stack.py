@@ -2,14 +2,14 @@
 S3 on loopback), driven through Airflow's REST API v2, the MLflow REST API, the served champion and
 a headless Chromium.
 
-One stack for the session (tests/stack_fixtures.py); two DAG runs: the first promotes a champion,
-the second is refused by an impossible threshold while the first's champion is served and shown.
+One stack for the session (tests/stack_fixtures.py); two DAG runs: the first promotes a champion
+(the session's ``approved_run``, approved in the UI, which tests/test_plugin_live.py reads too), the
+second is refused by an impossible threshold while the first's champion is served and shown.
 """
 
 from __future__ import annotations
 
 import itertools
-import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -24,12 +24,9 @@ pytestmark = pytest.mark.slow
 
 MODEL = "detox-summarizer-demo"
 GPU_TASKS = {"baseline_eval", "ppo_train", "evaluate", "champion_eval"}
-# Set through conf, as the trigger form sets them; promotes on a fresh registry (see tests/support.py).
-FIRST_CONF = PROMOTING_FORM
-# The same evaluation protocol (so the champion's metrics come from its version tags), a token PPO
-# run, and a threshold no model can pass: the gate must refuse.
+# The first run's evaluation protocol (so the champion's metrics come from its version tags), a token
+# PPO run, and a threshold no model can pass: the gate must refuse.
 SECOND_CONF = {**PROMOTING_FORM, "ppo_steps": 1, "min_toxicity_reduction": 1.0}
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def mlflow_get(stack: dict, path: str, **params) -> dict:
@@ -43,10 +40,10 @@ def champion(stack: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def first_run(stack, airflow_api) -> dict:
-    run_id = airflow_api.trigger(DAG_ID, FIRST_CONF)
-    run = airflow_api.wait_for_run(DAG_ID, run_id)
-    return {"run": run, "tasks": airflow_api.task_instances(DAG_ID, run_id)}
+def first_run(approved_run, airflow_api) -> dict:
+    """The session's first run: triggered through the REST API, approved in the UI, ended."""
+    return {"run": airflow_api.wait_for_run(DAG_ID, approved_run),
+            "tasks": airflow_api.task_instances(DAG_ID, approved_run)}
 
 
 @pytest.fixture(scope="module")
@@ -127,32 +124,17 @@ def test_the_served_champion_answers(stack, first_run, second_run_id):
     assert len(predictions) == 2 and all(isinstance(p, str) and p.strip() for p in predictions)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (.ci/run installs Debian's)")
-def test_the_ui_pages_show_the_dag_and_the_champion(stack, airflow_api, first_run, second_run_id):
-    from playwright.sync_api import sync_playwright
-
-    shots = Path(stack["home"]) / "screenshots"
-    shots.mkdir(exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        try:
-            context = browser.new_context(viewport={"width": 1400, "height": 900})
-            # The UI takes the token from this cookie, as after its own login page.
-            context.add_cookies([{"name": "_token", "value": airflow_api.token, "url": stack["airflow_url"]}])
-            page = context.new_page()
-            page.goto(f"{stack['airflow_url']}/dags/{DAG_ID}", timeout=120_000)
-            page.get_by_text("prepare_dataset").first.wait_for(timeout=120_000)
-            page.screenshot(path=str(shots / "airflow-dag.png"))
-            airflow_dom = page.content()
-            page.goto(f"{stack['mlflow_url']}/#/models/{MODEL}", timeout=120_000)
-            page.get_by_text(MODEL).first.wait_for(timeout=120_000)
-            page.wait_for_function("() => document.body.innerText.includes('champion')", timeout=120_000)
-            page.screenshot(path=str(shots / "mlflow-model.png"))
-            mlflow_dom = page.content()
-        finally:
-            browser.close()
+def test_the_ui_pages_show_the_dag_and_the_champion(stack, first_run, second_run_id, browser, shots):
+    browser.goto(f"{stack['airflow_url']}/dags/{DAG_ID}")
+    browser.get_by_text("prepare_dataset").first.wait_for()
+    browser.screenshot(path=str(shots / "airflow-dag.png"))
+    airflow_dom = browser.content()
+    browser.goto(f"{stack['mlflow_url']}/#/models/{MODEL}")
+    browser.get_by_text(MODEL).first.wait_for()
+    browser.wait_for_function("() => document.body.innerText.includes('champion')")
+    browser.screenshot(path=str(shots / "mlflow-model.png"))
+    mlflow_dom = browser.content()
+    browser.goto("about:blank")
     assert DAG_ID in airflow_dom and "ppo_train" in airflow_dom
     assert MODEL in mlflow_dom and "champion" in mlflow_dom
 
