@@ -62,6 +62,10 @@ def test_every_service_is_there_with_a_health_check(compose):
             assert condition["condition"] == expected, (name, dependency)
 
 
+def test_the_mlflow_server_runs_without_a_job_runner(compose):
+    assert compose["services"]["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
 def test_celery_is_a_profile_with_redis_and_a_gpu_worker(compose):
     services = compose["services"]
     assert {name for name, s in services.items() if "celery" in s.get("profiles", [])} == {

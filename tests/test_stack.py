@@ -75,6 +75,26 @@ def test_stack_json_login_pool_and_connections(stack, airflow_api):
     assert requests.get(f"{stack['mlflow_url']}/health", timeout=10).ok
 
 
+def process_group(pgid: int) -> list[str]:
+    """The command lines of the processes in process group ``pgid``."""
+    commands = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp
+            if int(fields[2]) == pgid:
+                commands.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError, ValueError):  # ended meanwhile
+            pass
+    return commands
+
+
+def test_the_mlflow_server_runs_without_a_job_runner(stack):
+    """MLflow's GenAI job runner (its huey consumers) stays off: tasks/local/stack.py says why."""
+    commands = process_group(stack["pids"]["mlflow-server"])
+    assert any("mlflow server" in command for command in commands), commands
+    assert not [command for command in commands if "huey" in command or "_job_runner" in command]
+
+
 def test_a_run_triggered_through_the_rest_api_succeeds_with_no_retries(first_run):
     assert first_run["run"]["state"] == "success", first_run["tasks"]
     assert first_run["run"]["run_type"] == "manual"

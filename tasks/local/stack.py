@@ -275,6 +275,13 @@ def _upload_demo_inputs(home: Path, s3: LocalS3Server) -> None:
     client.upload_file(str(preferences), bucket, key)
 
 
+# MLflow 3's server starts a job runner by default: about eight huey consumer processes for its GenAI
+# jobs (LLM judges, prompt optimization, trace roll-ups), 17 s more CPU at start on two cores and
+# memory for as long as it runs. Nothing here submits such jobs. A user who wants them sets the
+# variable to true.
+MLFLOW_SERVER_ENVIRONMENT = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 @contextmanager
 def running_stack(
     home: Path,
@@ -306,7 +313,7 @@ def running_stack(
             sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
             "--workers", "1", "--backend-store-uri", mlflow_backend_uri or f"sqlite:///{home / 'mlflow.db'}",
             "--artifacts-destination", (home / "mlartifacts").as_uri(),
-        ], {**os.environ, **demo_environment(home)}, logs / "mlflow-server.log").start()
+        ], {**MLFLOW_SERVER_ENVIRONMENT, **os.environ, **demo_environment(home)}, logs / "mlflow-server.log").start()
         services.append(mlflow)
         env = airflow_environment(home, airflow_port, mlflow_url, s3.endpoint_url, database_url, gpu_pool)
         # The schema first (its own process), while the embedded default is built or found and uploaded.

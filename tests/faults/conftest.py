@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tasks.io.s3_server import free_port
+from tasks.local.stack import MLFLOW_SERVER_ENVIRONMENT
 
 
 class FaultyProxy:
@@ -151,7 +153,7 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--default-artifact-root", str(self.root / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT,
+            env={**MLFLOW_SERVER_ENVIRONMENT, **os.environ}, stdout=log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 120
         while True:
