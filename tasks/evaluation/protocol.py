@@ -22,7 +22,6 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 import torch
-from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from tasks.config import EvalSettings, RunConfig
@@ -153,6 +152,8 @@ def score_summaries(
 
     ``prompts`` are needed only with ``settings.score_prompt``.
     """
+    from rouge_score import rouge_scorer  # here: it loads nltk, scipy and scikit-learn (about 1 s per task)
+
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     scored = rows[["id", "dialogue", "summary"]].rename(columns={"summary": "reference"}).copy()
     scored["generated"] = summaries
