@@ -10,6 +10,11 @@ from pathlib import Path
 # runs, servers), and at libgomp's default spin count a waiting thread holds a core the thread it
 # waits for needs. Measured figures: README, Development.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# And one OpenMP thread per process, as the stack's task processes have (tasks/local/stack.py): two
+# workers on two cores start DAG runs, servers and CLI processes of their own, and a second thread in
+# each would only wait for a core. The embedded build still takes every core (tasks/embedded/builds.py),
+# so the tests build the same weights as `make demo`.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 from stack_fixtures import airflow_api, approved_run, browser, shots, stack  # noqa: E402, F401  (the served stack)
