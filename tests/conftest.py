@@ -42,9 +42,9 @@ BUILD_PID = "background-build.pid"
 # pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) hands out whole groups: a module
 # (named by its file's stem; its module fixtures run once), or the modules on the served stack (one
 # stack per worker that has one). Slow groups go out longest first, so that the last to finish is a
-# short one; durations on two cores, one worker: the stack's 330 s, test_end_to_end's 200 s, the tiny
-# Llama's CLI run 190 s (and it waits for that build, the last), Postgres 110 s, the reward model's
-# 105 s, the rest under 35 s.
+# short one; durations in a whole run on two cores (tests beside them): the stack's 290 s,
+# test_end_to_end's 260 s, the tiny Llama's CLI run 125 s (and it waits for that build, the last),
+# Postgres 120 s, the reward model's 155 s, the rest under 60 s.
 STACK_GROUP = "stack"
 CAUSAL_GROUP = "causal"
 LONG_GROUPS = (STACK_GROUP, "test_end_to_end", CAUSAL_GROUP, "test_postgres", "test_reward_end_to_end")
