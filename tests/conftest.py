@@ -50,6 +50,12 @@ CAUSAL_GROUP = "causal"
 LONG_GROUPS = (STACK_GROUP, "test_end_to_end", CAUSAL_GROUP, "test_postgres", "test_reward_end_to_end")
 
 
+def session_build_home(config) -> Path:
+    """Where the session's embedded builds are made, once for every worker: :data:`BUILD_HOME` under
+    :func:`support.shared_root`."""
+    return shared_root(config) / BUILD_HOME
+
+
 def needs_embedded(item) -> bool:
     return bool(EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())))
 
@@ -87,13 +93,13 @@ def pytest_collection_finish(session):
     tiny Llama when a selected test needs it) in a background process as soon as the selected
     tests are known, so the minutes of a cold build overlap with the tests that do not need it.
 
-    One build per session, in :data:`BUILD_HOME` under :func:`shared_root`: under pytest-xdist the
+    One build per session, in :func:`session_build_home`: under pytest-xdist the
     first worker to get there starts it. The ``embedded`` fixture takes the build's lock, so it waits
     for this build and finds it complete (or builds itself if this one failed)."""
     config = session.config
     if config.option.collectonly or not any(needs_embedded(item) for item in session.items):
         return
-    home = shared_root(config) / BUILD_HOME
+    home = session_build_home(config)
     try:
         home.mkdir()
     except FileExistsError:  # another worker started it
@@ -122,7 +128,7 @@ def pytest_sessionfinish(session):
     Its pid may belong to another process by then, so the command line must name the build's home."""
     if hasattr(session.config, "workerinput"):
         return
-    home = shared_root(session.config) / BUILD_HOME
+    home = session_build_home(session.config)
     try:
         pid = int((home / BUILD_PID).read_text())
         if str(home) in Path(f"/proc/{pid}/cmdline").read_text():
@@ -176,7 +182,7 @@ def detox_home(tmp_path_factory):
 def build_home(request) -> Path:
     """Where the session's embedded builds are made, once for every worker (see
     :func:`pytest_collection_finish`)."""
-    home = shared_root(request.config) / BUILD_HOME
+    home = session_build_home(request.config)
     home.mkdir(exist_ok=True)
     return home
 

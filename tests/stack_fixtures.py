@@ -61,6 +61,18 @@ class AirflowAPI:
         states = {ti["task_id"]: ti["state"] for ti in self.task_instances(dag_id, run_id)}
         raise AssertionError(f"{run_id} did not end within {timeout_s:.0f} s: {states}")
 
+    def wait_for_task(self, dag_id: str, run_id: str, task_id: str, states: set[str], timeout_s: float = 900) -> str:
+        """The state of ``task_id`` once it is one of ``states``; fails as soon as a task of the run fails."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            tasks = {ti["task_id"]: ti["state"] for ti in self.task_instances(dag_id, run_id)}
+            if tasks.get(task_id) in states:
+                return tasks[task_id]
+            failed = [name for name, state in tasks.items() if state == "failed"]
+            assert not failed, f"{run_id}: {failed} failed"
+            time.sleep(2)
+        raise AssertionError(f"{task_id} of {run_id} not in {states} within {timeout_s:.0f} s")
+
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         return self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100)["task_instances"]
 
@@ -162,18 +174,6 @@ def shots(stack) -> Path:
     return folder
 
 
-def wait_for_task(airflow_api, run_id: str, task_id: str, states: set[str], timeout_s: float = 900) -> str:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        tasks = {ti["task_id"]: ti["state"] for ti in airflow_api.task_instances(DAG_ID, run_id)}
-        if tasks.get(task_id) in states:
-            return tasks[task_id]
-        failed = [name for name, state in tasks.items() if state == "failed"]
-        assert not failed, f"{run_id}: {failed} failed"
-        time.sleep(2)
-    raise AssertionError(f"{task_id} of {run_id} not in {states} within {timeout_s:.0f} s")
-
-
 def wait_for_the_deferral_report(stack, run_id: str, timeout_s: float = 120) -> None:
     """Until the scheduler has taken in the executor's report that the approval task's first
     attempt ended (it defers, awaiting input).
@@ -220,7 +220,7 @@ def approved_run(stack, airflow_api, browser, shots) -> str:
     tests/test_stack.py (the run, the pool, the champion) and tests/test_plugin_live.py (the report,
     labeling, the approval), so the stack trains one such run instead of two."""
     run_id = airflow_api.trigger(DAG_ID, APPROVAL_CONF)
-    assert wait_for_task(airflow_api, run_id, "approval", {"awaiting_input", "skipped"}) == "awaiting_input"
+    assert airflow_api.wait_for_task(DAG_ID, run_id, "approval", {"awaiting_input", "skipped"}) == "awaiting_input"
     answer_approval(browser, stack, run_id, "Approve", "summaries read well", shots / "approval.png")
     run = airflow_api.wait_for_run(DAG_ID, run_id)
     assert run["state"] == "success", airflow_api.task_instances(DAG_ID, run_id)

@@ -18,7 +18,7 @@ from urllib.parse import quote
 import boto3
 import pytest
 import requests
-from stack_fixtures import APPROVAL_CONF, answer_approval, wait_for_task
+from stack_fixtures import APPROVAL_CONF, answer_approval
 
 from tasks.io.s3_server import DUMMY_CREDENTIAL, REGION
 from tasks.local.demo import DAG_ID
@@ -117,7 +117,7 @@ def test_approve_one_run_and_reject_another(stack, airflow_api, approved_run, se
     assert tags["approval.outcome"] == "approved" and tags["approval.reviewer"] == stack["username"]
     assert tags["registry.model_uri"].startswith("models:/")
 
-    assert wait_for_task(airflow_api, second_run_id, "approval", {"awaiting_input"}) == "awaiting_input"
+    assert airflow_api.wait_for_task(DAG_ID, second_run_id, "approval", {"awaiting_input"}) == "awaiting_input"
     answer_approval(browser, stack, second_run_id, "Reject", "too terse")
     assert airflow_api.wait_for_run(DAG_ID, second_run_id)["state"] == "success"
     states = {ti["task_id"]: ti["state"] for ti in airflow_api.task_instances(DAG_ID, second_run_id)}
