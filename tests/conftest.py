@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 # so the tests build the same weights as `make demo`.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import cpu_report  # noqa: E402
 import pytest  # noqa: E402
 from stack_fixtures import airflow_api, approved_run, browser, shots, stack  # noqa: E402, F401  (the served stack)
 from support import (  # noqa: E402
@@ -38,6 +40,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 EMBEDDED_FIXTURES = {"embedded", "demo", "detox_home"}
 BUILD_HOME = "build-home"  # not "embedded...": copy_embedded_builds finds the builds' own folders by that prefix
 BUILD_PID = "background-build.pid"
+BUILD_CPU = "background-build.cpu"  # the build's CPU seconds, written when it ends (for --cpu-report)
 
 # pytest-xdist (``make test`` runs two workers, ``--dist loadgroup``) hands out whole groups: a module
 # (named by its file's stem; its module fixtures run once), or the modules on the served stack (one
@@ -110,8 +113,10 @@ def pytest_collection_finish(session):
     builds = ["builds.build_embedded_default", "reward.build_embedded_reward"]  # the demo fixture needs both
     if any("causal_build" in item.fixturenames for item in session.items):
         builds.append("causal.build_embedded_causal")
-    script = ("import sys; from pathlib import Path; from tasks.embedded import builds, causal, reward; "
-              f"home = Path(sys.argv[1]); {'; '.join(f'{build}(home)' for build in builds)}")
+    script = ("import resource, sys; from pathlib import Path; from tasks.embedded import builds, causal, reward; "
+              f"home = Path(sys.argv[1]); {'; '.join(f'{build}(home)' for build in builds)}; "
+              "usage = resource.getrusage(resource.RUSAGE_SELF); "
+              f"(home / {BUILD_CPU!r}).write_text(str(usage.ru_utime + usage.ru_stime))")
     with (home / "background-build.log").open("w") as log:
         process = subprocess.Popen([sys.executable, "-c", script, str(home)], stdout=log, stderr=subprocess.STDOUT)
     (home / BUILD_PID).write_text(str(process.pid))
@@ -122,13 +127,22 @@ def pytest_collection_finish(session):
         time.sleep(0.1)
 
 
+def pytest_addoption(parser, pluginmanager):
+    pluginmanager.register(cpu_report)  # --cpu-report (tests/cpu_report.py)
+
+
 def pytest_sessionfinish(session):
     """A build still running when the session ends (no selected test needed it in the end) is
     stopped, by the only process or under pytest-xdist by the controller once every worker is done.
-    Its pid may belong to another process by then, so the command line must name the build's home."""
+    Its pid may belong to another process by then, so the command line must name the build's home.
+    A finished one's CPU time goes into ``--cpu-report``: no test waits for that process."""
     if hasattr(session.config, "workerinput"):
         return
     home = session_build_home(session.config)
+    with contextlib.suppress(OSError, ValueError):
+        seconds = float((home / BUILD_CPU).read_text())
+        session.config.pluginmanager.get_plugin(cpu_report.PLUGIN_NAME).outside_tests.append(
+            ("the embedded builds, in the background (tests/conftest.py)", seconds))
     try:
         pid = int((home / BUILD_PID).read_text())
         if str(home) in Path(f"/proc/{pid}/cmdline").read_text():
