@@ -91,6 +91,9 @@ def pytest_collection_modifyitems(config, items):
     return (yield)
 
 
+_background_builds: list[subprocess.Popen] = []
+
+
 def pytest_collection_finish(session):
     """Start building the embedded default (with the reward model's base the demo needs, and the
     tiny Llama when a selected test needs it) in a background process as soon as the selected
@@ -120,6 +123,11 @@ def pytest_collection_finish(session):
     with (home / "background-build.log").open("w") as log:
         process = subprocess.Popen([sys.executable, "-c", script, str(home)], stdout=log, stderr=subprocess.STDOUT)
     (home / BUILD_PID).write_text(str(process.pid))
+    # Its time is reported on its own (pytest_sessionfinish), not charged to the tests that run
+    # meanwhile; held here so that subprocess's clean-up of lost Popen objects never reaps it into
+    # this process's children's time in the middle of some test.
+    session.config.pluginmanager.get_plugin(cpu_report.PLUGIN_NAME).excluded_pids.add(process.pid)
+    _background_builds.append(process)
     # Hold on until it has the lock: a fixture asking first would build a second time in parallel.
     lock = home / ".embedded.lock"
     deadline = time.monotonic() + 120

@@ -3,20 +3,23 @@
 
 The suite is bound by CPU on two cores, where wall time says little about what a test costs: a DAG
 run that takes 60 CPU-seconds alone lasts four minutes beside a model build and a served stack.
-Each test is charged the CPU time that its process, and the subprocesses it waited for, used during
-its setup, call and teardown (``getrusage``: the process itself plus its reaped children). A module
-or session fixture counts with the test during whose setup or teardown pytest runs it. Under
-pytest-xdist the figures travel in each report's ``user_properties`` and the controller adds them
-up by xdist group (the ``@group`` pytest-xdist appends to node ids), else by module.
+Each test's setup, call and teardown are charged the CPU time that the test process's whole tree
+used meanwhile: the process itself, the children it has reaped (``getrusage``), and every live
+descendant, servers of a session fixture included (``/proc``: their own time and that of the
+children they reaped). A live process that leaves the tree (re-parented to init) takes its time with
+it. Under pytest-xdist the figures travel in each report's ``user_properties`` and the controller
+adds them up by xdist group (the ``@group`` pytest-xdist appends to node ids), else by module.
 
-Processes nobody waits for are not counted; whoever knows of such work adds it to
-:attr:`CpuReport.outside_tests` before the summary (``tests/conftest.py``: its background build).
+Processes in :attr:`CpuReport.excluded_pids` are left out (``tests/conftest.py``'s background
+build, whose time it adds to :attr:`CpuReport.outside_tests` itself). Without ``/proc`` only the
+process and its reaped children count.
 
 ``tests/conftest.py`` registers this module; elsewhere ``-p cpu_report`` with ``tests`` on the path.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 from collections import defaultdict
 
@@ -26,11 +29,45 @@ PROPERTY = "cpu_seconds"
 PLUGIN_NAME = "cpu-report"
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and of every child process it has waited for, user and system."""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as listing:
+            children += map(int, listing.read().split())
+    return children
+
+
+def _cpu_of(pid: int) -> float:
+    """utime, stime, cutime and cstime of a live process (/proc/<pid>/stat), in seconds."""
+    with open(f"/proc/{pid}/stat") as stat:
+        data = stat.read()
+    fields = data[data.rindex(")") + 2:].split()  # from the state on: utime is the 12th
+    return sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+
+
+def cpu_seconds(excluded: frozenset[int] | set[int] = frozenset()) -> float:
+    """CPU time, user and system, of this process, the children it has reaped, and every live
+    descendant outside ``excluded`` (with the children each has reaped)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+    try:
+        pending = _children(os.getpid())
+    except OSError:  # no /proc
+        return total
+    while pending:
+        pid = pending.pop()
+        if pid in excluded:
+            continue
+        try:
+            total += _cpu_of(pid)
+            pending += _children(pid)
+        except (OSError, ValueError):  # ended meanwhile: its time is in its parent's reaped children
+            continue
+    return total
 
 
 def group_of(nodeid: str) -> str:
@@ -41,17 +78,19 @@ class CpuReport:
     def __init__(self, count: int | None):
         self.count = count
         self.outside_tests: list[tuple[str, float]] = []
-        """(what, CPU seconds) of work no test waited for, listed with the groups."""
+        """(what, CPU seconds) of work outside the tests, listed with the groups."""
+        self.excluded_pids: set[int] = set()
+        """Processes (and their descendants) whose time no test is charged."""
         self._phase_start: float | None = None
         self._groups: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])  # CPU s, wall s, tests
 
     def pytest_runtest_logstart(self, nodeid, location):
-        self._phase_start = cpu_seconds()
+        self._phase_start = cpu_seconds(self.excluded_pids)
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = yield
-        now = cpu_seconds()
+        now = cpu_seconds(self.excluded_pids)
         if self._phase_start is not None:
             report.user_properties.append((PROPERTY, now - self._phase_start))
         self._phase_start = now
