@@ -6,7 +6,7 @@ import os
 from datetime import timedelta
 
 from airflow.providers.standard.operators.hitl import HITLBranchOperator
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import CronTriggerTimetable, Param, dag, get_current_context, task
 
 from tasks.config import RunConfig, form_field_schemas
 
@@ -57,9 +57,23 @@ FORM_PARAMS = {
 }
 
 
+def from_next_fire(cron: str) -> CronTriggerTimetable:
+    """``cron`` in Airflow's default timezone, whose first run is its next fire time, not its last.
+
+    The DAG has no start date, so Airflow picks its first run itself, and a plain ``"@weekly"`` picks
+    last Sunday's when the DAG is unpaused (or Airflow first starts) less than 16.8 hours after it:
+    Airflow 3.3's ``CronTriggerTimetable`` treats ``run_immediately=False`` as "within a tenth of the
+    interval". On a Sunday morning that fired an unasked-for training run beside the user's own. A
+    zero window accepts only a run that is due this instant.
+    """
+    from airflow import settings
+
+    return CronTriggerTimetable(cron, timezone=settings.TIMEZONE, run_immediately=timedelta(0))
+
+
 @dag(
     dag_id="detox_retrain",
-    schedule="@weekly",
+    schedule=from_next_fire("@weekly"),
     catchup=False,
     max_active_runs=1,
     doc_md=DOC_MD,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import CronTriggerTimetable, Param, dag, get_current_context, task
 
 from tasks.config import REWARD_FORM_FIELDS, RewardRunConfig, form_field_schemas
 
@@ -41,11 +41,18 @@ FORM_PARAMS = {
 }
 
 
+def from_next_fire(cron: str) -> CronTriggerTimetable:
+    """``cron`` in Airflow's default timezone, first run at its next fire time (see detox_retrain.py)."""
+    from airflow import settings
+
+    return CronTriggerTimetable(cron, timezone=settings.TIMEZONE, run_immediately=timedelta(0))
+
+
 @dag(
     dag_id="reward_model_train",
     # Manual by default; set DETOX_REWARD_SCHEDULE (a cron expression or preset such as @monthly)
     # to retrain on a schedule as new rankings arrive.
-    schedule=os.environ.get("DETOX_REWARD_SCHEDULE") or None,
+    schedule=from_next_fire(os.environ["DETOX_REWARD_SCHEDULE"]) if os.environ.get("DETOX_REWARD_SCHEDULE") else None,
     catchup=False,
     max_active_runs=1,
     doc_md=DOC_MD,

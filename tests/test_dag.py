@@ -108,12 +108,17 @@ def test_reward_dag_rejects_out_of_range_params(reward_dag):
 
 def test_reward_schedule_from_the_environment(tmp_path, monkeypatch):
     """DETOX_REWARD_SCHEDULE turns the manual DAG into a scheduled one."""
+    from datetime import UTC, datetime
+
     from airflow.dag_processing.dagbag import DagBag
 
     monkeypatch.setenv("DETOX_REWARD_SCHEDULE", "@monthly")
     (tmp_path / "reward_model_train.py").write_text((DAGS / "reward_model_train.py").read_text())
     scheduled = DagBag(dag_folder=str(tmp_path)).dags["reward_model_train"]
     assert "0 0 1 * *" in repr(scheduled.timetable)
+    # Unpaused on the 2nd, it waits for the 1st of next month (a plain "@monthly" ran the 1st's at once).
+    now = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+    assert first_scheduled_run(scheduled.timetable, None, False, now) == datetime(2027, 1, 1, tzinfo=UTC)
 
 
 def test_without_a_named_pool_every_task_runs_in_the_default_pool_and_queue(dag, reward_dag):
@@ -123,23 +128,43 @@ def test_without_a_named_pool_every_task_runs_in_the_default_pool_and_queue(dag,
         assert (task.pool, task.queue) == ("default_pool", "default"), task.task_id
 
 
-def test_no_start_date_so_the_weekly_schedule_never_fires_on_unpause(dag):
-    """With a start date and catchup=False, Airflow fires the latest past Sunday's run as soon as the
-    DAG is unpaused; without one, the first scheduled run is the next Sunday."""
+def first_scheduled_run(timetable, start_date, catchup: bool, now):
+    """When the scheduler would run a DAG with this (serialized) timetable first, asked at ``now``."""
+    from unittest import mock
+
+    from airflow.serialization.decoders import decode_timetable
+    from airflow.serialization.encoders import encode_timetable
+    from airflow.timetables.base import TimeRestriction
+
+    core = decode_timetable(encode_timetable(timetable))  # what the scheduler holds
+    restriction = TimeRestriction(earliest=start_date, latest=None, catchup=catchup)
+    with mock.patch("airflow.timetables.trigger.utcnow", return_value=now):
+        return core.next_dagrun_info_v2(last_dagrun_info=None, restriction=restriction).run_after
+
+
+# Sunday 00:00:30 and 08:26 (a plain "@weekly" fired that morning's run on unpause), Sunday 16:00,
+# a Wednesday and Saturday 23:59 (2026-12-06 is a Sunday).
+WEEK = ["2026-12-06T00:00:30", "2026-12-06T08:26:00", "2026-12-06T16:00:00", "2026-12-09T12:00:00",
+        "2026-12-12T23:59:00"]
+
+
+@pytest.mark.parametrize("now", WEEK)
+def test_unpausing_never_fires_a_scheduled_run_the_first_is_the_next_sunday(dag, now):
+    """No start date, catchup=False: whenever the DAG is unpaused (or Airflow first starts), its first
+    scheduled run is the next Sunday 00:00, not the last one; a start date would fire the last one."""
     from datetime import UTC, datetime
 
-    from airflow.timetables.base import TimeRestriction
-    from airflow.timetables.trigger import CronTriggerTimetable
+    from airflow.sdk import CronTriggerTimetable
 
-    def first_run(start_date):
-        timetable = CronTriggerTimetable(dag.timetable.expression, timezone="UTC")
-        restriction = TimeRestriction(earliest=start_date, latest=None, catchup=dag.catchup)
-        return timetable.next_dagrun_info_v2(last_dagrun_info=None, restriction=restriction).run_after
-
-    now = datetime.now(UTC)
-    assert first_run(datetime(2026, 1, 1, tzinfo=UTC)) <= now  # what a start date would do
-    assert dag.start_date is None
-    assert first_run(dag.start_date) > now
+    now = datetime.fromisoformat(now).replace(tzinfo=UTC)
+    next_sunday = datetime(2026, 12, 13, tzinfo=UTC)
+    assert dag.start_date is None and dag.catchup is False
+    assert first_scheduled_run(dag.timetable, None, False, now) == next_sunday
+    with_start = first_scheduled_run(dag.timetable, datetime(2026, 1, 1, tzinfo=UTC), False, now)
+    assert with_start == datetime(2026, 12, 6, tzinfo=UTC)  # what a start date would do
+    if now.day == 6 and now.hour < 16:  # what plain "@weekly" did: last Sunday's run at once
+        plain = first_scheduled_run(CronTriggerTimetable("@weekly", timezone="UTC"), None, False, now)
+        assert plain == datetime(2026, 12, 6, tzinfo=UTC)
 
 
 def test_gpu_pool_and_queue_from_the_environment(tmp_path, monkeypatch):

@@ -175,8 +175,8 @@ def airflow_environment(home: Path, airflow_port: int, mlflow_url: str, s3_endpo
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS_FOLDER),
         "AIRFLOW__CORE__FERNET_KEY": _secret(airflow_home / "fernet_key", _fernet_key),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{airflow_port}/execution/",
-        # Unpaused at creation: a run triggered from the form starts at once. The weekly schedule has
-        # no start date, so its first run is the next Sunday, never one fired when the stack starts.
+        # Unpaused at creation: a run triggered from the form starts at once. The weekly schedule's
+        # first run is the next Sunday, never one fired when the stack starts (dags/detox_retrain.py).
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USERNAME}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
