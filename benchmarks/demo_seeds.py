@@ -53,7 +53,9 @@ def run_seeds(seeds: list[int], overrides: dict, home: Path | None) -> list[dict
     from tasks.rl.trainer import checkpoint_history, latest_checkpoint
     from tasks.steps import detox_retrain
 
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    # The process id too: two invocations started in the same second must not share run keys (the shared
+    # baseline's MLflow run would then refuse the second one's evaluation settings).
+    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{os.getpid()}"
     rows = []
     with demo_services(home):
         shared_config = RunConfig.for_profile("demo", {"experiment_name": EXPERIMENT, **overrides})
