@@ -2,8 +2,8 @@
 
 - :func:`require`: a test's outside dependency (Postgres binaries, docker-compose, Chromium),
   skipped where it is missing, failed where ``DETOX_REQUIRE`` names it (CI sets it).
-- :data:`TEST_CRITIC`: the critic of the end-to-end runs; :data:`PROMOTING_FORM`: the trigger-form
-  values of a short ``detox_retrain`` run that promotes.
+- :data:`TEST_CRITIC`: the critic of the end-to-end runs, :data:`TEST_RUN` what they set;
+  :data:`PROMOTING_FORM`: the trigger-form values of a short ``detox_retrain`` run that promotes.
 - :func:`build_tiny_world`: the embedded default's layout (T5 policy, its SFT LoRA adapter, a
   ``nothate``/``hate`` classifier) filled with models made from a config in about a second, for
   tests that need real model folders but not trained ones.
@@ -29,11 +29,18 @@ REQUIRE_VARIABLE = "DETOX_REQUIRE"
 # the PPO fault and multi-process tests and the unit tests in tests/test_ppo.py train.
 TEST_CRITIC = {"ppo.critic": "head", "ppo.value_learning_rate": 1e-2}
 
+# What the end-to-end PPO runs set: the tests' critic, and a ROUGE-L tolerance of 10% instead of 5%. A
+# run of a few PPO steps lands near 5% (16 steps: -4.9% here, -5.6% with the preference reward), and
+# where exactly depends on the CPU that built the embedded default (see PROMOTING_FORM): these runs check
+# what a promotion does, so it must not hang on that. tests/test_promotion.py tests the rule itself.
+TEST_RUN = {**TEST_CRITIC, "promotion.max_rouge_l_drop": 0.1}
+
 # Form fields (the DAG's Params, as the trigger form sets them) of a run that promotes on the embedded
-# default without a champion to beat: 8 PPO steps (the demo runs 70) judged on 120 held-out prompts take
-# toxicity from 0.229 to 0.130, the 95% interval of the change [-0.157, -0.050] (demo profile with
-# TEST_CRITIC, PPO seed 0).
-PROMOTING_FORM = {"ppo_steps": 8, "eval_samples": 120, "overrides": TEST_CRITIC}
+# default without a champion to beat: 16 PPO steps (the demo runs 70) judged on 120 held-out prompts.
+# Their outcome depends on the CPU the embedded default was built on (its float rounding changes the
+# trained weights): on an AVX-512 host, toxicity 0.178 -> 0.112 (-37%; PPO seed 1: -23%), where 8 steps
+# changed nothing; on the earlier hosts 8 steps took it from 0.229 to 0.130.
+PROMOTING_FORM = {"ppo_steps": 16, "eval_samples": 120, "overrides": TEST_RUN}
 
 
 def required_dependencies() -> set[str]:

@@ -5,7 +5,7 @@ import json
 import mlflow
 import pandas as pd
 import pytest
-from support import TEST_CRITIC
+from support import TEST_RUN
 
 from tasks.config import RewardRunConfig
 from tasks.local.demo import run_pipeline, run_reward_pipeline
@@ -64,10 +64,11 @@ def test_a_run_keeps_the_reward_version_it_started_with(registered_reward, tmp_p
 
 
 def test_detox_retrain_with_the_registered_reward_lowers_toxicity_under_the_judge(registered_reward):
-    # 16 PPO steps (the demo runs 70): the judge's drop is about -38%, its 95% interval's top about -0.05.
+    # 32 PPO steps (the demo runs 70). 16 were enough on the earlier hosts (the judge's drop about -38%,
+    # its 95% interval's top about -0.05), not on an AVX-512 one: -12%, the interval's top +0.006.
     report = run_pipeline("airflow", {
-        "ppo.steps": 16,
-        **TEST_CRITIC,
+        "ppo.steps": 32,
+        **TEST_RUN,
         "model.reward_model_name": f"models:/{REWARD}@champion",
         "registered_model_name": "detox-summarizer-prefreward-demo",
     })
