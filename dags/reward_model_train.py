@@ -41,6 +41,9 @@ FORM_PARAMS = {
 }
 
 
+SCHEDULE = os.environ.get("DETOX_REWARD_SCHEDULE")
+
+
 def from_next_fire(cron: str) -> CronTriggerTimetable:
     """``cron`` in Airflow's default timezone, first run at its next fire time (see detox_retrain.py)."""
     from airflow import settings
@@ -52,7 +55,7 @@ def from_next_fire(cron: str) -> CronTriggerTimetable:
     dag_id="reward_model_train",
     # Manual by default; set DETOX_REWARD_SCHEDULE (a cron expression or preset such as @monthly)
     # to retrain on a schedule as new rankings arrive.
-    schedule=from_next_fire(os.environ["DETOX_REWARD_SCHEDULE"]) if os.environ.get("DETOX_REWARD_SCHEDULE") else None,
+    schedule=from_next_fire(SCHEDULE) if SCHEDULE else None,
     catchup=False,
     max_active_runs=1,
     doc_md=DOC_MD,

@@ -118,7 +118,7 @@ def test_reward_schedule_from_the_environment(tmp_path, monkeypatch):
     assert "0 0 1 * *" in repr(scheduled.timetable)
     # Unpaused on the 2nd, it waits for the 1st of next month (a plain "@monthly" ran the 1st's at once).
     now = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
-    assert first_scheduled_run(scheduled.timetable, None, False, now) == datetime(2027, 1, 1, tzinfo=UTC)
+    assert first_scheduled_run(scheduled.timetable, None, now) == datetime(2027, 1, 1, tzinfo=UTC)
 
 
 def test_without_a_named_pool_every_task_runs_in_the_default_pool_and_queue(dag, reward_dag):
@@ -128,8 +128,8 @@ def test_without_a_named_pool_every_task_runs_in_the_default_pool_and_queue(dag,
         assert (task.pool, task.queue) == ("default_pool", "default"), task.task_id
 
 
-def first_scheduled_run(timetable, start_date, catchup: bool, now):
-    """When the scheduler would run a DAG with this (serialized) timetable first, asked at ``now``."""
+def first_scheduled_run(timetable, start_date, now):
+    """When the scheduler would run a catchup=False DAG with this (serialized) timetable first, at ``now``."""
     from unittest import mock
 
     from airflow.serialization.decoders import decode_timetable
@@ -137,7 +137,7 @@ def first_scheduled_run(timetable, start_date, catchup: bool, now):
     from airflow.timetables.base import TimeRestriction
 
     core = decode_timetable(encode_timetable(timetable))  # what the scheduler holds
-    restriction = TimeRestriction(earliest=start_date, latest=None, catchup=catchup)
+    restriction = TimeRestriction(earliest=start_date, latest=None, catchup=False)
     with mock.patch("airflow.timetables.trigger.utcnow", return_value=now):
         return core.next_dagrun_info_v2(last_dagrun_info=None, restriction=restriction).run_after
 
@@ -159,11 +159,11 @@ def test_unpausing_never_fires_a_scheduled_run_the_first_is_the_next_sunday(dag,
     now = datetime.fromisoformat(now).replace(tzinfo=UTC)
     next_sunday = datetime(2026, 12, 13, tzinfo=UTC)
     assert dag.start_date is None and dag.catchup is False
-    assert first_scheduled_run(dag.timetable, None, False, now) == next_sunday
-    with_start = first_scheduled_run(dag.timetable, datetime(2026, 1, 1, tzinfo=UTC), False, now)
+    assert first_scheduled_run(dag.timetable, None, now) == next_sunday
+    with_start = first_scheduled_run(dag.timetable, datetime(2026, 1, 1, tzinfo=UTC), now)
     assert with_start == datetime(2026, 12, 6, tzinfo=UTC)  # what a start date would do
     if now.day == 6 and now.hour < 16:  # what plain "@weekly" did: last Sunday's run at once
-        plain = first_scheduled_run(CronTriggerTimetable("@weekly", timezone="UTC"), None, False, now)
+        plain = first_scheduled_run(CronTriggerTimetable("@weekly", timezone="UTC"), None, now)
         assert plain == datetime(2026, 12, 6, tzinfo=UTC)
 
 
